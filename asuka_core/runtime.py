@@ -1,0 +1,35 @@
+"""Small plumbing shared by the three models: layer factories, device/dtype, progress.
+
+``operations`` is a namespace with ``Linear``, ``Conv2d``, ``LayerNorm``, ``GroupNorm``
+classes, as in ComfyUI's own model code. ``None`` means plain ``torch.nn``; the ComfyUI
+nodes pass ``comfy.ops.manual_cast`` so weights stay in their storage dtype and are cast
+per layer. Models never import ComfyUI themselves.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+Progress = Optional[Callable[[int, int], None]]
+"""Called as ``progress(done, total)`` after each unit of work. It may raise to cancel
+(ComfyUI's progress bar raises when the user presses Cancel)."""
+
+
+def resolve_ops(operations=None):
+    return nn if operations is None else operations
+
+
+def compute_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where and in which dtype a model computes: its parameters' device, and
+    ``module.compute_dtype`` when set (manual-cast layers), else its parameters' dtype."""
+    p = next(module.parameters())
+    dtype = getattr(module, "compute_dtype", None) or p.dtype
+    return p.device, dtype
+
+
+def report(progress: Progress, done: int, total: int) -> None:
+    if progress is not None:
+        progress(done, total)
