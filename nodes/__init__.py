@@ -1,0 +1,14 @@
+"""ComfyUI nodes of the pack: thin glue over ``asuka_core`` (one module per model)."""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from . import aligner, decoder, mae
+
+NODES: list[type[io.ComfyNode]] = [*mae.NODES, *aligner.NODES, *decoder.NODES]
+
+
+class AsukaExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)

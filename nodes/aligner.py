@@ -1,0 +1,83 @@
+"""Nodes for the aligner: ASUKA_AlignerLoader, ASUKA_AlignerConditioning."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..asuka_core.aligner import TARGET_SD15, load_aligner
+from ..asuka_core.errors import InputError
+from . import common
+from .types import ALIGNER, CATEGORY, PRIOR
+
+
+class AlignerLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ASUKA_AlignerLoader",
+            display_name="Load ASUKA Aligner",
+            category=CATEGORY,
+            description=(
+                "Loads an ASUKA aligner from models/asuka. SD1.5 graphs need an SD1.5 aligner "
+                "(safetensors marked 'sd15'); none is published yet, so it has to be trained. The "
+                "released FLUX aligners (asuka_alignment_clip.pt / _t5.pt) load but are refused by "
+                "the SD1.5 conditioning node."
+            ),
+            inputs=[
+                io.Combo.Input("aligner_name", options=common.model_files(),
+                               tooltip="Aligner weights in models/asuka (.safetensors, .pt)."),
+            ],
+            outputs=[ALIGNER.Output(display_name="aligner", tooltip="The aligner.")],
+        )
+
+    @classmethod
+    def execute(cls, aligner_name: str) -> io.NodeOutput:
+        return io.NodeOutput(common.load_patched_model(aligner_name, load_aligner, role="encoder"))
+
+
+class AlignerConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ASUKA_AlignerConditioning",
+            display_name="ASUKA Aligner Conditioning (SD1.5)",
+            category=CATEGORY,
+            description=(
+                "Turns the MAE prior into SD1.5 conditioning that replaces the text prompt: 256 "
+                "tokens of width 768 for the UNet's cross-attention. Connect positive and negative "
+                "to InpaintModelConditioning, then KSampler. Use cfg 1.0 (ASUKA is run without "
+                "classifier-free guidance); the negative only matters when cfg > 1."
+            ),
+            inputs=[
+                ALIGNER.Input("aligner", tooltip="From Load ASUKA Aligner (an SD1.5 aligner)."),
+                PRIOR.Input("prior", tooltip="From ASUKA MAE Prior."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.05, tooltip=(
+                    "1.0 = the aligner's conditioning as trained. Lower values move it toward the "
+                    "'no visible context' conditioning (the negative); 0 gives the negative itself.")),
+            ],
+            outputs=[
+                io.Conditioning.Output(display_name="positive", tooltip="ASUKA conditioning."),
+                io.Conditioning.Output(display_name="negative", tooltip=(
+                    "The aligner's output for an empty prior (no visible context). Unused by the "
+                    "sampler at cfg 1.0.")),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, aligner, prior, strength: float) -> io.NodeOutput:
+        model = aligner.model
+        if model.target != TARGET_SD15:
+            raise InputError(
+                f"This aligner is marked '{model.target}', not 'sd15'. The released FLUX aligners "
+                "cannot condition SD1.5: the CLIP-branch one was trained only through the average of "
+                "its tokens (FLUX's pooled vector), so its individual tokens mean nothing to an SD1.5 "
+                "UNet, and the T5 one has width 4096, not 768. Load an SD1.5 aligner (safetensors with "
+                "target 'sd15'); see the README for how to train one."
+            )
+        model = common.activate(aligner)
+        positive, negative = model.conditioning(prior.features, strength)
+        device = common.intermediate_device()
+        return io.NodeOutput([[positive.to(device), {}]], [[negative.to(device), {}]])
+
+
+NODES = [AlignerLoader, AlignerConditioning]

@@ -1,0 +1,134 @@
+"""ComfyUI glue shared by the pack's nodes: the model folder, loading models under
+ComfyUI's model management, progress and out-of-memory handling.
+
+No model maths here: that lives in ``asuka_core``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from typing import Callable
+
+import torch
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.ops
+import comfy.utils
+import folder_paths
+
+from ..asuka_core.checkpoint import MODEL_EXTENSIONS
+from ..asuka_core.errors import AsukaError
+
+log = logging.getLogger("comfyui-asuka")
+
+MODEL_FOLDER = "asuka"
+
+
+def register_model_folder() -> None:
+    """Add ``models/asuka`` to ComfyUI's model folders.
+
+    Extends, never replaces: another pack or ``extra_model_paths.yaml`` (key ``asuka:``)
+    may already have registered paths or extensions under the same name.
+    """
+    default = os.path.join(folder_paths.models_dir, MODEL_FOLDER)
+    os.makedirs(default, exist_ok=True)
+    entry = folder_paths.folder_names_and_paths.get(MODEL_FOLDER)
+    if entry is None:
+        folder_paths.folder_names_and_paths[MODEL_FOLDER] = ([default], set(MODEL_EXTENSIONS))
+        return
+    paths, extensions = entry
+    if default not in paths:
+        paths.append(default)
+    extensions.update(MODEL_EXTENSIONS)
+
+
+def model_files() -> list[str]:
+    return folder_paths.get_filename_list(MODEL_FOLDER)
+
+
+def model_path(name: str) -> str:
+    path = folder_paths.get_full_path(MODEL_FOLDER, name)
+    if path is None:
+        raise AsukaError(
+            f"Model file '{name}' was not found in models/{MODEL_FOLDER} "
+            f"({', '.join(folder_paths.get_folder_paths(MODEL_FOLDER))}). Put the file there and "
+            "press 'r' in the browser to refresh the list."
+        )
+    return path
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the device supports it (the official ASUKA inference dtype), else fp32."""
+    if mm.should_use_bf16(device, prioritize_performance=False):
+        return torch.bfloat16
+    return torch.float32
+
+
+# Loaded models are shared between nodes that ask for the same unchanged file, as long as
+# something (usually ComfyUI's output cache) still holds them: no second copy in memory.
+_loaded: "weakref.WeakValueDictionary[tuple, comfy.model_patcher.ModelPatcher]" = weakref.WeakValueDictionary()
+
+
+def load_patched_model(name: str, loader: Callable, *, role: str) -> comfy.model_patcher.ModelPatcher:
+    """Load ``models/asuka/<name>`` with an ``asuka_core`` loader and wrap it in a
+    ModelPatcher, so ComfyUI decides where it lives and when it is offloaded.
+
+    role: "decoder" (placed like a VAE) or "encoder" (MAE, aligner: placed like a text or
+    vision encoder).
+    """
+    path = model_path(name)
+    stat = os.stat(path)
+    key = (role, loader.__module__, path, stat.st_mtime_ns, stat.st_size)
+    cached = _loaded.get(key)
+    if cached is not None:
+        return cached
+    if role == "decoder":
+        load_device, offload_device = mm.vae_device(), mm.vae_offload_device()
+        dtype = mm.vae_dtype(load_device, [torch.bfloat16, torch.float32])
+    else:
+        load_device, offload_device = mm.get_torch_device(), mm.text_encoder_offload_device()
+        dtype = compute_dtype(load_device)
+    model = loader(path, operations=comfy.ops.manual_cast, dtype=dtype, device=offload_device)
+    model.compute_dtype = dtype
+    model.eval().requires_grad_(False)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    _loaded[key] = patcher
+    log.info("loaded %s (%s, %s on %s)", name, type(model).__name__, dtype, load_device)
+    return patcher
+
+
+def activate(patcher: comfy.model_patcher.ModelPatcher, memory_required: int = 0) -> torch.nn.Module:
+    """Ask ComfyUI to place the model on its compute device; returns the module."""
+    mm.load_models_gpu([patcher], memory_required=memory_required)
+    return patcher.model
+
+
+def progress_bar(total: int) -> Callable[[int, int], None]:
+    """A ``progress(done, total)`` callback for asuka_core. Updating ComfyUI's bar also
+    raises when the user cancels, so long loops stop within one step."""
+    bar = comfy.utils.ProgressBar(total)
+
+    def update(done: int, total: int) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        bar.update_absolute(done, total)
+
+    return update
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for a real allocation failure. (On CPU-only hosts ComfyUI's OOM_EXCEPTION is
+    plain ``Exception``, so it cannot be used to tell OOM from other errors.)"""
+    if isinstance(error, (AsukaError, mm.InterruptProcessingException)):
+        return False
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(error).lower()
+    return "out of memory" in text or "can't allocate memory" in text or "cannot allocate memory" in text
+
+
+def intermediate_device() -> torch.device:
+    """Where node outputs live between nodes (normally the CPU)."""
+    return mm.intermediate_device()

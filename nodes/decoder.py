@@ -1,0 +1,111 @@
+"""Nodes for the masked decoders: ASUKA_DecoderLoader, ASUKA_MaskedDecode."""
+
+from __future__ import annotations
+
+import comfy.model_management as mm
+from comfy_api.latest import io
+
+from ..asuka_core.decoder import decode_memory_estimate, load_decoder
+from ..asuka_core.imaging import composite, prepare_image_and_mask
+from . import common
+from .types import CATEGORY, DECODER
+
+# Latent cells per tile when decoding falls back to tiles after running out of memory.
+OOM_TILE_SIZES = (64, 32, 16)
+
+
+class DecoderLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ASUKA_DecoderLoader",
+            display_name="Load ASUKA Masked Decoder",
+            category=CATEGORY,
+            description=(
+                "Loads a masked decoder from models/asuka: an Asymmetric VQGAN decoder for SD1.5 "
+                "latents (diffusers AsymmetricAutoencoderKL x1.5 / x2, or the original checkpoints) "
+                "or the ASUKA decoder for FLUX latents (asuka_decoder.ckpt). The kind and size are "
+                "read from the weights."
+            ),
+            inputs=[
+                io.Combo.Input("decoder_name", options=common.model_files(),
+                               tooltip="Decoder weights in models/asuka (.safetensors, .ckpt, .bin)."),
+            ],
+            outputs=[DECODER.Output(display_name="decoder", tooltip="The masked decoder.")],
+        )
+
+    @classmethod
+    def execute(cls, decoder_name: str) -> io.NodeOutput:
+        return io.NodeOutput(common.load_patched_model(decoder_name, load_decoder, role="decoder"))
+
+
+class MaskedDecode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ASUKA_MaskedDecode",
+            display_name="ASUKA Masked Decode",
+            category=CATEGORY,
+            description=(
+                "Decodes a latent to pixels while looking at the known pixels and the mask, so the "
+                "fill keeps the picture's colours and leaves no seam. Use it in place of VAE Decode "
+                "after an inpainting KSampler."
+            ),
+            inputs=[
+                DECODER.Input("decoder", tooltip="From Load ASUKA Masked Decoder."),
+                io.Latent.Input("samples", tooltip="The sampled latent (e.g. KSampler output)."),
+                io.Image.Input("image", tooltip=(
+                    "The original picture the latent was made from, same size as the latent x8.")),
+                io.Mask.Input("mask", tooltip="1 = the filled area; the same mask given to the sampler."),
+                io.Boolean.Input("composite", default=True, tooltip=(
+                    "On: pixels outside the mask are copied unchanged from the input image and the mask "
+                    "blends the decoded fill in. Off: the decoder's raw output everywhere.")),
+                io.Int.Input("tile_size", default=0, min=0, max=4096, step=8, tooltip=(
+                    "0 = decode the whole image at once (falls back to tiles if memory runs out). "
+                    "Otherwise tile width in pixels (a multiple of 64 works best), for very large images.")),
+                io.Int.Input("tile_overlap", default=64, min=0, max=1024, step=8, tooltip=(
+                    "Overlap between tiles in pixels; tiles are feathered across it so no seam shows.")),
+            ],
+            outputs=[io.Image.Output(display_name="image", tooltip="The decoded picture.")],
+        )
+
+    @classmethod
+    def execute(cls, decoder, samples, image, mask, composite: bool, tile_size: int,
+                tile_overlap: int) -> io.NodeOutput:
+        latent = samples["samples"]
+        model = common.activate(
+            decoder, decode_memory_estimate(decoder.model, latent.shape, decoder.model.compute_dtype))
+        tile = tile_size // 8 or None
+        overlap = tile_overlap // 8
+        try:
+            pixels = cls._decode(model, latent, image, mask, tile, overlap)
+        except Exception as e:  # noqa: BLE001 - only memory errors are handled, see below
+            if tile is not None or not common.is_out_of_memory(e):
+                raise
+            common.log.warning("masked decode ran out of memory; retrying in tiles")
+            mm.soft_empty_cache()
+            pixels = cls._decode_tiled_fallback(model, latent, image, mask, overlap or 8)
+        if composite:
+            image, mask = prepare_image_and_mask(image, mask, require_hole=False)
+            pixels = composite(image.to(pixels.device), pixels, mask.to(pixels.device))
+        return io.NodeOutput(pixels.to(common.intermediate_device()))
+
+    @staticmethod
+    def _decode(model, latent, image, mask, tile, overlap):
+        if tile is None:
+            return model.decode(latent, image, mask)
+        return model.decode(latent, image, mask, tile_size=tile, tile_overlap=overlap,
+                            progress=common.progress_bar(1))
+
+    @classmethod
+    def _decode_tiled_fallback(cls, model, latent, image, mask, overlap):
+        for i, tile in enumerate(OOM_TILE_SIZES):
+            try:
+                return cls._decode(model, latent, image, mask, tile, min(overlap, tile // 4))
+            except Exception as e:  # noqa: BLE001
+                if i == len(OOM_TILE_SIZES) - 1 or not common.is_out_of_memory(e):
+                    raise
+                mm.soft_empty_cache()
+
+
+NODES = [DecoderLoader, MaskedDecode]
