@@ -82,6 +82,16 @@ EOF
   echo "$stamp" > "$VENV/.stamp"
 }
 
+setup_frontend_tests() {
+  # playwright-core drives a system Chromium (/usr/bin/chromium) in the frontend tests;
+  # without npm or Chromium those tests are skipped with a reason.
+  command -v npm >/dev/null 2>&1 || { log "npm not found: frontend tests will be skipped"; return 0; }
+  local dir="$REPO/tests/frontend" stamp
+  stamp=$(sha256sum "$dir/package-lock.json" | cut -c1-16)
+  [ "$(cat "$dir/node_modules/.stamp" 2>/dev/null || true)" = "$stamp" ] && return 0
+  (cd "$dir" && npm ci --no-audit --no-fund --silent) && echo "$stamp" > "$dir/node_modules/.stamp"
+}
+
 link_pack() {
   local custom="$1/custom_nodes"
   [ -d "$custom" ] || { log "$custom is not a folder: is $1 a ComfyUI tree?"; exit 1; }
@@ -113,6 +123,7 @@ case "$cmd" in
       --disable-api-nodes --use-pytorch-cross-attention "$@" ;;
   test)
     setup
+    setup_frontend_tests
     cd "$REPO"
     export ASUKA_COMFY_DIR="$COMFY" ASUKA_HOST_CACHE="$HOST/cache"
     exec "$VPY" -m pytest "$@" ;;

@@ -51,27 +51,27 @@ def sd15_inpaint_graph() -> dict[str, Node]:
     return {
         "ckpt": Node("CheckpointLoaderSimple", {"ckpt_name": "sd-v1-5-inpainting.safetensors"}, pos=(0, 0)),
         "load": Node("LoadImage", {"image": "example.png"}, pos=(0, 160)),
-        "mae_loader": Node("ASUKA_MAELoader", {"mae_name": "mae_300.pth"}, pos=(360, 0)),
+        "mae_loader": Node("ASUKA_MAELoader", {"mae_name": "mae_300.pth"}, pos=(400, 0)),
         "prior": Node("ASUKA_MAEPrior", links={"mae": ("mae_loader", 0), "image": ("load", 0),
-                                               "mask": ("load", 1)}, pos=(720, 0)),
+                                               "mask": ("load", 1)}, pos=(800, 0)),
         "aligner_loader": Node("ASUKA_AlignerLoader", {"aligner_name": "asuka_sd15_aligner.safetensors"},
-                               pos=(360, 140)),
+                               pos=(400, 140)),
         "cond": Node("ASUKA_AlignerConditioning", {"strength": 1.0},
-                     links={"aligner": ("aligner_loader", 0), "prior": ("prior", 0)}, pos=(1080, 0)),
+                     links={"aligner": ("aligner_loader", 0), "prior": ("prior", 0)}, pos=(1200, 0)),
         "inpaint": Node("InpaintModelConditioning", {"noise_mask": True},
                         links={"positive": ("cond", 0), "negative": ("cond", 1), "vae": ("ckpt", 2),
-                               "pixels": ("load", 0), "mask": ("load", 1)}, pos=(1440, 0)),
+                               "pixels": ("load", 0), "mask": ("load", 1)}, pos=(1200, 180)),
         "sampler": Node("KSampler", {"seed": 42, "steps": 30, "cfg": 1.0, "sampler_name": "euler",
                                      "scheduler": "normal", "denoise": 1.0},
                         links={"model": ("ckpt", 0), "positive": ("inpaint", 0), "negative": ("inpaint", 1),
-                               "latent_image": ("inpaint", 2)}, pos=(1800, 0)),
+                               "latent_image": ("inpaint", 2)}, pos=(1600, 0)),
         "decoder_loader": Node("ASUKA_DecoderLoader",
-                               {"decoder_name": "asymmetric-autoencoder-kl-x-1-5.safetensors"}, pos=(1800, 420)),
+                               {"decoder_name": "asymmetric-autoencoder-kl-x-1-5.safetensors"}, pos=(2000, 0)),
         "decode": Node("ASUKA_MaskedDecode", {"composite": True, "tile_size": 0, "tile_overlap": 64},
                        links={"decoder": ("decoder_loader", 0), "samples": ("sampler", 0), "image": ("load", 0),
-                              "mask": ("load", 1)}, pos=(2160, 0)),
-        "save": Node("SaveImage", {"filename_prefix": "asuka"}, links={"images": ("decode", 0)}, pos=(2520, 0)),
-        "preview": Node("PreviewImage", links={"images": ("prior", 1)}, pos=(1080, 300),
+                              "mask": ("load", 1)}, pos=(2000, 140)),
+        "save": Node("SaveImage", {"filename_prefix": "asuka"}, links={"images": ("decode", 0)}, pos=(2400, 0)),
+        "preview": Node("PreviewImage", links={"images": ("prior", 1)}, pos=(800, 200),
                         title="MAE reconstruction (what the prior sees)"),
     }
 
@@ -157,7 +157,7 @@ def to_ui_workflow(graph: dict[str, Node], object_info: dict, note: str | None =
         ui_nodes.append(ui)
     if note:
         nid = len(ui_nodes) + 1
-        ui_nodes.append({"id": nid, "type": "Note", "pos": [0, 420], "size": [560, 300], "flags": {},
+        ui_nodes.append({"id": nid, "type": "Note", "pos": [0, 560], "size": [760, 260], "flags": {},
                          "order": len(ui_nodes), "mode": 0, "inputs": [], "outputs": [],
                          "properties": {}, "widgets_values": [note]})
     return {
