@@ -1,19 +1,19 @@
 """comfyui-asuka: ASUKA inpainting nodes for ComfyUI (V3 node API).
 
-Registers the ``models/asuka`` folder and the nodes. Deliberately no
-``NODE_CLASS_MAPPINGS``: ComfyUI would then ignore ``comfy_entrypoint``.
+ComfyUI calls ``comfy_entrypoint``, which registers the ``models/asuka`` folder and the
+nodes. Deliberately no ``NODE_CLASS_MAPPINGS``: ComfyUI would then ignore the entrypoint.
+Nothing is imported at module level, so the repository root stays importable outside
+ComfyUI (pytest imports it as a package).
 """
 
-from .nodes.common import register_model_folder
-
 WEB_DIRECTORY = "./web"
-
-register_model_folder()
 
 
 async def comfy_entrypoint():
     from .nodes import AsukaExtension
+    from .nodes.common import register_model_folder
 
+    register_model_folder()
     return AsukaExtension()
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..asuka_core.aligner import TARGET_SD15, load_aligner
-from ..asuka_core.errors import InputError
 from . import common
 from .types import ALIGNER, CATEGORY, PRIOR
 
@@ -65,15 +64,7 @@ class AlignerConditioning(io.ComfyNode):
 
     @classmethod
     def execute(cls, aligner, prior, strength: float) -> io.NodeOutput:
-        model = aligner.model
-        if model.target != TARGET_SD15:
-            raise InputError(
-                f"This aligner is marked '{model.target}', not 'sd15'. The released FLUX aligners "
-                "cannot condition SD1.5: the CLIP-branch one was trained only through the average of "
-                "its tokens (FLUX's pooled vector), so its individual tokens mean nothing to an SD1.5 "
-                "UNet, and the T5 one has width 4096, not 768. Load an SD1.5 aligner (safetensors with "
-                "target 'sd15'); see the README for how to train one."
-            )
+        aligner.model.expect_target(TARGET_SD15, where="ASUKA Aligner Conditioning (SD1.5)")
         model = common.activate(aligner)
         positive, negative = model.conditioning(prior.features, strength)
         device = common.intermediate_device()
