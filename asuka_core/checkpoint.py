@@ -570,7 +570,7 @@ def identify(tensors: Mapping[str, torch.Tensor]) -> str:
     """A short human description of the model a state dict holds (for error messages
     and for choosing an architecture). Returns one of the ``KIND_*`` strings."""
     keys = list(tensors)
-    if _has(keys, "patch_embed.proj.weight", "decoder_embed.weight", "pos_embed"):
+    if _has(keys, "patch_embed.proj.weight", "decoder_embed.weight"):
         return KIND_MAE
     if _has(keys, "0.weight", "1.linear1.weight", "1.norm.query_norm.scale"):
         return KIND_ALIGNER

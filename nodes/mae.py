@@ -43,8 +43,9 @@ class MAEPrior(io.ComfyNode):
             description=(
                 "Encodes what the MAE infers about the masked area from the unmasked pixels only. "
                 "The image is resized to 256x256 (squashed, as the official code does, whatever its "
-                "aspect ratio); hole pixels never influence the prior. Feed the prior to "
-                "ASUKA Aligner Conditioning."
+                "aspect ratio); 16x16 patches that touch the hole are hidden from the encoder, so "
+                "what is in the hole does not shape the prior. Feed the prior to ASUKA Aligner "
+                "Conditioning."
             ),
             inputs=[
                 MAE.Input("mae", tooltip="From Load ASUKA MAE Prior."),
