@@ -62,7 +62,8 @@ class MaskedDecode(io.ComfyNode):
                     "blends the decoded fill in. Off: the decoder's raw output everywhere.")),
                 io.Int.Input("tile_size", default=0, min=0, max=4096, step=8, tooltip=(
                     "0 = decode the whole image at once (falls back to tiles if memory runs out). "
-                    "Otherwise tile width in pixels (a multiple of 64 works best), for very large images.")),
+                    "Otherwise the tile side in pixels (512 or more recommended: tiles only approximate "
+                    "the whole-image decode, see docs/decoder.md), to bound memory on very large images.")),
                 io.Int.Input("tile_overlap", default=64, min=0, max=1024, step=8, tooltip=(
                     "Overlap between tiles in pixels; tiles are feathered across it so no seam shows.")),
             ],
