@@ -6,7 +6,7 @@ import comfy.model_management as mm
 from comfy_api.latest import io
 
 from ..asuka_core.decoder import decode_memory_estimate, load_decoder
-from ..asuka_core.imaging import composite, prepare_image_and_mask
+from ..asuka_core.imaging import composite as paste_fill, prepare_image_and_mask
 from . import common
 from .types import CATEGORY, DECODER
 
@@ -88,7 +88,7 @@ class MaskedDecode(io.ComfyNode):
             pixels = cls._decode_tiled_fallback(model, latent, image, mask, overlap or 8)
         if composite:
             image, mask = prepare_image_and_mask(image, mask, require_hole=False)
-            pixels = composite(image.to(pixels.device), pixels, mask.to(pixels.device))
+            pixels = paste_fill(image.to(pixels.device), pixels, mask.to(pixels.device))
         return io.NodeOutput(pixels.to(common.intermediate_device()))
 
     @staticmethod
