@@ -23,7 +23,20 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMFY = os.environ.get("ASUKA_COMFY_DIR", os.path.join(REPO, ".host", "ComfyUI"))
 CACHE = os.environ.get("ASUKA_HOST_CACHE", os.path.join(REPO, ".host", "cache"))
-sys.path[:0] = [REPO, COMFY]
+# ComfyUI first: its top-level `nodes` module must win over this pack's `nodes` package
+sys.path[:0] = [COMFY]
+sys.path.append(REPO)
+
+
+def fixture(name: str):
+    """A module of tests/fixtures/, loaded by path (ComfyUI has a `tests` package of its own)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"asuka_fixture_{name}",
+                                                  os.path.join(REPO, "tests", "fixtures", name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def median_time(fn, repeat: int) -> float:
@@ -56,9 +69,9 @@ def main() -> None:
 
     from asuka_core.aligner import Aligner
     from asuka_core.mae import MAE
-    from tests.fixtures.aligner_files import official_aligner_state_dict
-    from tests.fixtures.mae_files import official_mae_state_dict
-    from tests.fixtures.sd15_checkpoint import ensure_sd15_inpaint_checkpoint
+    official_aligner_state_dict = fixture("aligner_files").official_aligner_state_dict
+    official_mae_state_dict = fixture("mae_files").official_mae_state_dict
+    ensure_sd15_inpaint_checkpoint = fixture("sd15_checkpoint").ensure_sd15_inpaint_checkpoint
 
     torch.manual_seed(0)
     size = args.size
