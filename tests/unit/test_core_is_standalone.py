@@ -1,0 +1,31 @@
+"""asuka_core is pure PyTorch: importing and using it pulls in neither ComfyUI nor the
+test-only oracles (diffusers, OpenCV)."""
+
+import subprocess
+import sys
+
+import pytest
+
+REPO = __file__.rsplit("/tests/", 1)[0]
+
+SCRIPT = """
+import sys, torch
+import asuka_core
+from asuka_core import load_mae, load_aligner, load_decoder, checkpoint, convert, imaging, resize, tiling
+banned = sorted(m for m in sys.modules
+                if m.split('.')[0] in {'comfy', 'comfy_api', 'folder_paths', 'nodes', 'diffusers', 'cv2', 'timm'})
+print(','.join(banned))
+"""
+
+
+def test_asuka_core_imports_no_comfyui_and_no_test_oracles():
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "", f"asuka_core imported: {proc.stdout.strip()}"
+
+
+@pytest.mark.parametrize("name", ["load_mae", "load_aligner", "load_decoder"])
+def test_public_api_is_exported(name):
+    import asuka_core
+
+    assert callable(getattr(asuka_core, name))
