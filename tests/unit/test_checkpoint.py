@@ -585,3 +585,20 @@ def test_malformed_malicious_pickle_is_still_called_malicious(tmp_path):
     with pytest.raises(UnsafeCheckpointError, match="os.system"):
         read_checkpoint(path)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy"])
+@pytest.mark.parametrize("loader_name,name", [("load_mae", "mae_300.pth"), ("load_decoder", "asuka_decoder.ckpt"),
+                                              ("load_aligner", "asuka_alignment_clip.pt")])
+def test_every_loader_refuses_a_malicious_official_name(tmp_path, loader_name, name, fmt):
+    """The public loaders (what the ComfyUI nodes call) go through the same refusal."""
+    import asuka_core
+
+    cls, shown = PAYLOADS["os.system"]
+    marker = tmp_path / "pwned"
+    path = tmp_path / name
+    _write(path, _wrapped(name, cls(marker)), fmt)
+    with pytest.raises(UnsafeCheckpointError) as e:
+        getattr(asuka_core, loader_name)(path)
+    assert shown in str(e.value)
+    assert not marker.exists()
