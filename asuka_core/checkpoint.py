@@ -14,9 +14,9 @@ Loading never executes code from a file:
   checkpoints also pickle bookkeeping objects (an ``argparse.Namespace`` of training
   arguments, Lightning or OmegaConf hyper-parameters); those classes are never imported:
   each is replaced by an inert stand-in that only records the arguments it was given.
-  If PyTorch's unpickler rejects the *shape* of such bookkeeping (for example a dict
-  subclass filled item by item), the same file is read with a restricted unpickler that
-  can resolve nothing but PyTorch's weights-only allowlist and the same inert stand-ins.
+  A dict subclass (Lightning's ``AttributeDict``) becomes a plain ``dict``, the only
+  mapping PyTorch's weights-only reader lets a pickle fill item by item; the dry run
+  tells which globals those are.
 
 Content, not the file name, decides how a file is read, so a renamed file cannot pick
 a less careful path; damaged, truncated, empty, HTML and Git-LFS-pointer "downloads"
@@ -32,7 +32,6 @@ import _compat_pickle
 import os
 import pickle
 import struct
-import types
 import zipfile
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
@@ -105,6 +104,7 @@ class _Inert:
         self._state = state
 
     def __setitem__(self, key, value):
+        type(self)._filled_by_items = True  # the dry run learns which globals are mappings
         self.__dict__.setdefault("_items", {})[key] = value
 
     def append(self, item):
@@ -135,6 +135,23 @@ def _inert_stand_in(qualified_name: str) -> type:
     return type(name or "Unknown", (_Inert,), {"__module__": module or "unknown"})
 
 
+def _mapping_stand_in(qualified_name: str) -> type:
+    """Stand-in for a dict subclass (Lightning's ``AttributeDict``, ``defaultdict``): it
+    makes a plain ``dict``, the only kind PyTorch's weights-only reader lets a pickle fill
+    item by item. Nothing of the original class runs."""
+    module, _, name = qualified_name.rpartition(".")
+    return type(name or "Unknown", (), {"__module__": module or "unknown",
+                                        "__new__": staticmethod(lambda cls, *args, **kwargs: {})})
+
+
+class _Found(set):
+    """Globals a pickle names; ``mappings`` are those it fills item by item."""
+
+    def __init__(self):
+        super().__init__()
+        self.mappings: set[str] = set()
+
+
 def _allowed_bookkeeping(qualified_name: str) -> bool:
     root = qualified_name.split(".", 1)[0]
     return root in _BOOKKEEPING_MODULES or qualified_name in _BOOKKEEPING_NAMES
@@ -146,7 +163,7 @@ def _torch_allowed_globals() -> dict:
         from torch import _weights_only_unpickler
 
         return dict(_weights_only_unpickler._get_allowed_globals())
-    except Exception:  # a future PyTorch without the private helper: no fallback reader
+    except Exception:  # a future PyTorch without the private helper: torch.load still checks
         return {}
 
 
@@ -178,7 +195,11 @@ def _scan_pickles(file, count: int, found: set[str]) -> list:
     """Dry-run ``count`` consecutive pickles from an open file, adding the globals they
     name to ``found``; returns what they unpickle to (stand-ins in place of objects)."""
     stand_ins: dict[str, type] = {}
-    return [_ScanUnpickler(file, found, stand_ins).load() for _ in range(count)]
+    try:
+        return [_ScanUnpickler(file, found, stand_ins).load() for _ in range(count)]
+    finally:
+        if isinstance(found, _Found):
+            found.mappings.update(g for g, cls in stand_ins.items() if cls.__dict__.get("_filled_by_items"))
 
 
 # --------------------------------------------------------------------------------------
@@ -277,7 +298,7 @@ def _scan_file(path: str, kind: str) -> tuple[set[str], str]:
 
     A file that refers to a refused global is refused even when the dry run then fails
     (a malformed pickle can still be malicious)."""
-    found: set[str] = set()
+    found = _Found()
     try:
         return _scan_file_into(path, kind, found)
     except CheckpointError:
@@ -319,26 +340,6 @@ def _scan_file_into(path: str, kind: str, found: set[str]) -> tuple[set[str], st
 # Loading
 
 
-def _restricted_pickle_module(torch_allowed: dict, stand_ins: dict[str, type]):
-    """A ``pickle_module`` for ``torch.load`` that resolves only PyTorch's weights-only
-    allowlist and the given inert stand-ins."""
-
-    class RestrictedUnpickler(pickle.Unpickler):
-        def find_class(self, module, name):
-            qualified = _qualified(module, name)
-            if qualified in torch_allowed:
-                return torch_allowed[qualified]
-            if qualified in stand_ins:
-                return stand_ins[qualified]
-            raise pickle.UnpicklingError(f"refused global {qualified}")
-
-    module = types.ModuleType("asuka_restricted_pickle")
-    module.Unpickler = RestrictedUnpickler
-    module.UnpicklingError = pickle.UnpicklingError
-    module.load = lambda file, **kwargs: RestrictedUnpickler(file, **kwargs).load()
-    return module
-
-
 def _is_old_protocol_pickle(path: str) -> bool:
     """Whether the file dry-runs as a complete pickle (nothing is run to find out)."""
     try:
@@ -362,34 +363,24 @@ def _read_pickled(path: str, kind: str):
             f"'{os.path.basename(path)}' is a plain Python pickle, not a file written by "
             "torch.save, so it holds no loadable weights. Is it a model file?"
         )
-    stand_ins = {g: _inert_stand_in(g) for g in sorted(others)}
+    stand_ins = {g: (_mapping_stand_in(g) if g in found.mappings else _inert_stand_in(g))
+                 for g in sorted(others)}
     # torch.load reads a *path* ending in .safetensors as safetensors; a pickle misnamed so
     # is handed over as an open file instead (and then without mmap, which needs a path).
     by_path = not path.lower().endswith(SAFETENSORS_EXTENSIONS)
-    mmap = layout == "zip" and by_path
-
-    def load(**kwargs):
-        if by_path:
-            return torch.load(path, map_location="cpu", mmap=mmap, **kwargs)
-        with open(path, "rb") as f:
-            return torch.load(f, map_location="cpu", **kwargs)
-
     try:
         with torch.serialization.safe_globals([(cls, g) for g, cls in stand_ins.items()]):
-            return load(weights_only=True)
+            if by_path:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=layout == "zip")
+            with open(path, "rb") as f:
+                return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        structural = e  # e.g. a dict subclass filled item by item: try the restricted reader
-    except Exception as e:  # noqa: BLE001 - any failure past the dry run means bad bytes
-        raise _damaged(path, _first_line(e)) from None
-    if not torch_allowed:
         raise CheckpointError(
             f"'{os.path.basename(path)}' could not be read as plain tensor data "
-            f"({_first_line(structural)}). Nothing from the file was run. Use a .safetensors "
-            "version of the file."
-        )
-    try:
-        return load(weights_only=False, pickle_module=_restricted_pickle_module(torch_allowed, stand_ins))
-    except Exception as e:  # noqa: BLE001
+            f"({_first_line(e)}). Nothing from the file was run. Use a .safetensors version "
+            "of the file, or convert it with `python -m asuka_core.convert` where it loads."
+        ) from None
+    except Exception as e:  # noqa: BLE001 - any failure past the dry run means bad bytes
         raise _damaged(path, _first_line(e)) from None
 
 
