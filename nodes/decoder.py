@@ -6,7 +6,9 @@ import comfy.model_management as mm
 from comfy_api.latest import io
 
 from ..asuka_core.decoder import decode_memory_estimate, load_decoder
+from ..asuka_core.errors import InputError
 from ..asuka_core.imaging import composite as paste_fill, prepare_image_and_mask
+from ..asuka_core.tiling import MIN_TILE
 from . import common
 from .types import CATEGORY, DECODER
 
@@ -73,6 +75,9 @@ class MaskedDecode(io.ComfyNode):
     @classmethod
     def execute(cls, decoder, samples, image, mask, composite: bool, tile_size: int,
                 tile_overlap: int) -> io.NodeOutput:
+        if 0 < tile_size < MIN_TILE * 8:
+            raise InputError(f"tile_size {tile_size} px is too small: use 0 (no tiling) or at least "
+                             f"{MIN_TILE * 8} px.")
         latent = samples["samples"]
         model = common.activate(
             decoder, decode_memory_estimate(decoder.model, latent.shape, decoder.model.compute_dtype))

@@ -235,6 +235,12 @@ def test_latent_channel_mismatch_is_refused(comfy, host, pictures):
     assert_recovers(comfy, host, pictures)
 
 
+def test_too_small_tile_is_refused(comfy, host, pictures):
+    res = comfy.run(decode_graph(host, pictures["a"], tile_size=32).prompt(), timeout=300)
+    assert_refused(res, r"32 px", r"at least 64", node_type="ASUKA_MaskedDecode")
+    assert_recovers(comfy, host, pictures)
+
+
 def test_nan_latent_is_refused(comfy, host, pictures):
     """ComfyUI's validation lets a NaN float widget through (every comparison with NaN is
     false), so core LatentMultiply(multiplier=NaN) makes an all-NaN latent."""
