@@ -359,6 +359,11 @@ class MaskedDecoder(nn.Module):
         ``tile_size`` (latent cells) decodes overlapping tiles blended with feathered weights.
         """
         latent, image, mask = self._validate(latent, image, mask)
+        if self.kind == KIND_AVQ:
+            # The Asymmetric VQGAN decoders were trained on binary masks, and both their own
+            # inference script and diffusers' inpainting pipeline threshold at 0.5 before
+            # decoding; the ASUKA decoder is used with the raw (possibly soft) mask.
+            mask = (mask >= 0.5).to(mask.dtype)
         out_device = image.device
         device, dtype = compute_device_dtype(self)
         batch, _, lh, lw = latent.shape

@@ -80,8 +80,9 @@ def _assert_parity(decoder: MaskedDecoder, vae, seed: int = 0):
     with torch.no_grad():
         raw = decoder(z, *_model_space(image, mask))
     assert (raw - ref).abs().max().item() < 1e-4            # model space, before clamping
+    # decode() thresholds the mask at 0.5 first, as the AVQ script and diffusers' pipeline do
     out = decoder.decode(z, image, mask)
-    expected = ((ref + 1) / 2).clamp(0, 1).movedim(1, -1)
+    expected = ((_diffusers_decode(vae, z, image, (mask >= 0.5).float()) + 1) / 2).clamp(0, 1).movedim(1, -1)
     assert out.shape == (2, 64, 96, 3) and out.dtype == torch.float32
     assert (out - expected).abs().max().item() < 1e-4
     # the comparison is not vacuous: the output varies and is not all clamped
@@ -563,3 +564,15 @@ def test_memory_estimate_scales_with_area():
     assert 3.9 < large / small < 4.1
     assert 1e9 < small < 8e9     # 512x512 at float32: full-res features alone are ~0.4 GB
     assert decode_memory_estimate(decoder, (1, 16, 64, 64), torch.bfloat16) < small
+
+
+def test_soft_masks_are_thresholded_for_avq_but_not_for_asuka(diffusers_vae, tiny_asuka):
+    """AVQ decoders see the mask thresholded at 0.5 (their training and inference
+    convention); the ASUKA decoder blends with the raw soft mask (the official demo)."""
+    avq = load_decoder(diffusers_vae.state_dict())
+    z, image, mask = _inputs(3, batch=1, lh=8, lw=12, channels=4, soft=True)
+    assert ((mask > 0) & (mask < 1)).any()
+    hard = (mask >= 0.5).float()
+    assert torch.equal(avq.decode(z, image, mask), avq.decode(z, image, hard))
+    z16 = torch.randn(1, 16, 8, 12, generator=torch.Generator().manual_seed(4))
+    assert not torch.equal(tiny_asuka.decode(z16, image, mask), tiny_asuka.decode(z16, image, hard))
