@@ -18,6 +18,8 @@ Usage::
 
     python benchmarks/bench_decoder.py                      # 512 and 1024, default cases
     python benchmarks/bench_decoder.py --sizes 512 --cases comfy_vae avq_x1_5
+    python benchmarks/bench_decoder.py --flops --sizes 512 --cases comfy_vae avq_x1_5 avq_base asuka
+                                          # arithmetic per decode (torch.utils.flop_counter), no timing
     ASUKA_COMFY_DIR=/path/to/ComfyUI python benchmarks/bench_decoder.py
 
 ComfyUI is imported in-process from ``$ASUKA_COMFY_DIR`` (default ``.host/ComfyUI``), in CPU mode.
@@ -106,7 +108,7 @@ def _random_masked_decoder(case: str, dtype_name: str):
     return decoder, decoder.latent_channels, decoder.decode
 
 
-def child(case: str, size: int, dtype_name: str) -> dict:
+def child(case: str, size: int, dtype_name: str, flops: bool = False) -> dict:
     import torch
 
     if case == "comfy_vae":
@@ -121,6 +123,14 @@ def child(case: str, size: int, dtype_name: str) -> dict:
         mask = torch.zeros(1, px, px)
         mask[:, px // 4: 3 * px // 4, px // 4: 3 * px // 4] = 1.0
         return latent, image, mask
+
+    if flops:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with torch.inference_mode(), counter:
+            decode(*inputs(size))
+        return {"case": case, "size": size, "flops": counter.get_total_flops()}
 
     with torch.inference_mode():
         decode(*inputs(64))                               # warm-up, not timed
@@ -145,8 +155,9 @@ def child(case: str, size: int, dtype_name: str) -> dict:
 # parent
 
 
-def run_case(case: str, size: int, dtype: str, timeout: float) -> dict:
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", case, str(size), dtype],
+def run_case(case: str, size: int, dtype: str, timeout: float, flops: bool = False) -> dict:
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", case, str(size), dtype,
+                           *(["--flops"] if flops else [])],
                           capture_output=True, text=True, timeout=timeout, cwd=REPO)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
@@ -161,10 +172,21 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="dtype of the masked decoders (ComfyUI's VAE uses what ComfyUI picks: float32 on CPU)")
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--flops", action="store_true", help="count arithmetic per decode instead of timing")
     parser.add_argument("--child", nargs=3, metavar=("CASE", "SIZE", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], int(args.child[1]), args.child[2])), flush=True)
+        print(json.dumps(child(args.child[0], int(args.child[1]), args.child[2], args.flops)), flush=True)
+        return
+    if args.flops:
+        print("arithmetic per decode (torch.utils.flop_counter), batch 1, untiled")
+        for size in args.sizes:
+            base = None
+            for case in ["comfy_vae", *[c for c in args.cases if c != "comfy_vae"]]:
+                r = run_case(case, size, args.dtype, args.timeout, flops=True)
+                base = base or r
+                print(f"{case:<10} {size:>5} {r['flops'] / 1e12:8.2f} TFLOP {r['flops'] / base['flops']:6.2f} x VAE",
+                      flush=True)
         return
 
     cases = ["comfy_vae", *[c for c in args.cases if c != "comfy_vae"]]
