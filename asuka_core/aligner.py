@@ -239,6 +239,7 @@ class Aligner(nn.Module):
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
         self.width, self.depth, self.target = width, depth, target
         self.compute_dtype: torch.dtype | None = None
+        self.compute_device: torch.device | None = None
         ops = resolve_ops(operations)
         # Built on the meta device, then given uninitialised storage: loading overwrites
         # every value, so random initialisation (1B parameters for D = 4096) is skipped.
@@ -338,9 +339,7 @@ def _zero_non_finite(x: torch.Tensor) -> torch.Tensor:
     """The official pipeline replaces NaN MAE features by zeros (no visible context);
     done here per sample, so one bad image does not blank the rest of a batch."""
     bad = ~torch.isfinite(x).flatten(1).all(dim=1)
-    if bool(bad.any()):
-        x = torch.where(bad[:, None, None], torch.zeros_like(x), x)
-    return x
+    return torch.where(bad[:, None, None], torch.zeros_like(x), x)  # no host sync
 
 
 # --------------------------------------------------------------------------------------

@@ -264,6 +264,7 @@ class MaskedDecoder(nn.Module):
     kind: str
     latent_channels: int
     compute_dtype: torch.dtype | None
+    compute_device: torch.device | None = None
 
     def __init__(self, config: DecoderConfig, *, operations=None):
         super().__init__()

@@ -291,6 +291,7 @@ class MAE(nn.Module):
     constructor alone leaves every tensor uninitialised (they all come from the file)."""
 
     compute_dtype: Optional[torch.dtype] = None
+    compute_device: Optional[torch.device] = None
 
     def __init__(self, config: MAEConfig, operations=None):
         super().__init__()
@@ -388,7 +389,10 @@ class MAE(nn.Module):
 
     def _encode(self, x: torch.Tensor, hole: torch.Tensor, fully: torch.Tensor,
                 dtype: torch.dtype) -> torch.Tensor:
-        tokens = self.patch_embed(x) + self.pos_embed.to(dtype)
+        # Root tensors (position tables, mask token, alpha) are not in any layer: under
+        # partial loading they stay on the offload device, so they follow the activations.
+        tokens = self.patch_embed(x)
+        tokens = tokens + self.pos_embed.to(device=tokens.device, dtype=dtype)
         # Every query may only read patches without hole pixels. A fully masked image has
         # no such patch; its encoder output is never used (all its decoder tokens become
         # mask tokens), so it attends everywhere instead of producing NaN.
@@ -402,14 +406,14 @@ class MAE(nn.Module):
         y = self.decoder_embed(latent)
         # Hole patches get the mask token; `where` (not a convex mix) so nothing computed
         # for them upstream, even NaN, can reach the decoder.
-        y = torch.where(hole[..., None], self.mask_token.to(dtype), y)
-        a = self.partial_alpha
-        if a is not None and bool(partial.any()):
+        y = torch.where(hole[..., None], self.mask_token.to(device=y.device, dtype=dtype), y)
+        if self.partial_alpha is not None:
             # Partially covered patches also see their visible pixels, embedded directly.
+            # (Computed for every patch and selected: no host sync on the mask.)
             visible = self.decoder_patch_embed(torch.cat([x * (1 - m), m], dim=1))
-            a_t = self.alpha.to(dtype).clamp(0.0, 1.0)
+            a_t = self.alpha.to(device=y.device, dtype=dtype).clamp(0.0, 1.0)
             y = torch.where(partial[..., None], a_t * y + (1 - a_t) * visible, y)
-        return y + self.decoder_pos_embed.to(dtype)
+        return y + self.decoder_pos_embed.to(device=y.device, dtype=dtype)
 
     def _unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
         """``[B, g*g, p*p*3]`` (each token ordered row-in-patch, col-in-patch, channel)

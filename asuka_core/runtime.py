@@ -23,11 +23,18 @@ def resolve_ops(operations=None):
 
 
 def compute_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Where and in which dtype a model computes: its parameters' device, and
-    ``module.compute_dtype`` when set (manual-cast layers), else its parameters' dtype."""
+    """Where and in which dtype a model computes.
+
+    The device is ``module.compute_device`` when set, else its first parameter's device;
+    the dtype is ``module.compute_dtype`` when set (manual-cast layers), else its first
+    parameter's dtype. ComfyUI's host sets ``compute_device`` to the ModelPatcher's
+    ``load_device``: under partial loading (``--lowvram``/``--novram``) some weights stay
+    on the offload device and are cast per layer, so no parameter tells where to compute.
+    """
     p = next(module.parameters())
+    device = getattr(module, "compute_device", None)
     dtype = getattr(module, "compute_dtype", None) or p.dtype
-    return p.device, dtype
+    return (torch.device(device) if device is not None else p.device), dtype
 
 
 def report(progress: Progress, done: int, total: int) -> None:

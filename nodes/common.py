@@ -92,12 +92,24 @@ def load_patched_model(name: str, loader: Callable, *, role: str) -> comfy.model
         load_device, offload_device = mm.get_torch_device(), mm.text_encoder_offload_device()
         dtype = compute_dtype(load_device)
     model = loader(path, operations=comfy.ops.manual_cast, dtype=dtype, device=offload_device)
-    model.compute_dtype = dtype
-    model.eval().requires_grad_(False)
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    patcher = patch_model(model, dtype, load_device=load_device, offload_device=offload_device)
     _loaded[key] = patcher
     log.info("loaded %s (%s, %s on %s)", name, type(model).__name__, dtype, load_device)
     return patcher
+
+
+def patch_model(model: torch.nn.Module, dtype: torch.dtype, *, load_device: torch.device,
+                offload_device: torch.device) -> comfy.model_patcher.ModelPatcher:
+    """Wrap a model built with ``comfy.ops.manual_cast`` layers in a ModelPatcher.
+
+    The model computes on the patcher's ``load_device`` in ``dtype`` wherever its weights
+    are: under ``--lowvram``/``--novram`` ComfyUI moves only some layers (and never the
+    tensors outside layers), the rest are cast to the compute device per call.
+    """
+    model.compute_dtype = dtype
+    model.compute_device = load_device
+    model.eval().requires_grad_(False)
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
 
 def activate(patcher: comfy.model_patcher.ModelPatcher, memory_required: int = 0) -> torch.nn.Module:
