@@ -26,6 +26,7 @@ Internal parameter names are the ldm (ComfyUI-native) decoder names without the
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from typing import Mapping
@@ -39,6 +40,8 @@ from .errors import CheckpointError, InputError
 from .imaging import image_to_model, model_to_image, prepare_image_and_mask
 from .runtime import Progress, compute_device_dtype, report, resolve_ops
 from .tiling import decode_tiled, tile_grid
+
+log = logging.getLogger("comfyui-asuka")
 
 KIND_ASUKA = "asuka"
 KIND_AVQ = "avq"
@@ -375,14 +378,22 @@ class MaskedDecoder(nn.Module):
         # callers may modify in place (e.g. when pasting the known pixels back).
         with torch.no_grad():
             for i in range(batch):  # one sample at a time bounds peak memory (see decode_memory_estimate)
-                z = latent[i:i + 1].to(device=device, dtype=dtype)
-                img = image_to_model(image[i:i + 1]).to(device=device, dtype=dtype)
-                msk = mask[i:i + 1, None].to(device=device, dtype=dtype)
-
                 def tick(_done: int, _total: int) -> None:
                     report(progress, done + _done, total)
 
-                x = decode_tiled(self.forward, z, img, msk, scale=self.config.scale, grid=grid, progress=tick)
+                def run(run_dtype: torch.dtype) -> torch.Tensor:
+                    z = latent[i:i + 1].to(device=device, dtype=run_dtype)
+                    img = image_to_model(image[i:i + 1]).to(device=device, dtype=run_dtype)
+                    msk = mask[i:i + 1, None].to(device=device, dtype=run_dtype)
+                    return decode_tiled(self.forward, z, img, msk, scale=self.config.scale, grid=grid,
+                                        progress=tick)
+
+                x = run(dtype)
+                if dtype == torch.float16 and not bool(torch.isfinite(x).all()):
+                    # float16 tops out at 65504; a decoder whose activations exceed it gives
+                    # inf/NaN. Redo this sample in float32 (cast layers upcast their weights).
+                    log.warning("masked decode overflowed float16; decoding this image again in float32")
+                    x = run(torch.float32)
                 done += len(grid.tiles)
                 outputs.append(model_to_image(x).to(out_device))
         return torch.cat(outputs, dim=0)

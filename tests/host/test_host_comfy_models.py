@@ -125,3 +125,135 @@ def test_partial_load_gives_the_full_load_result(comfy, kind):
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
     base = _run(_build(comfy, kind), kind, inputs)
     assert not torch.allclose(got, base, rtol=1e-4, atol=1e-5)       # the patch mattered
+
+
+# --------------------------------------------------------------------------------------
+# Half precision: the dtype ComfyUI would choose, and the numerics of real manual_cast
+
+
+@pytest.mark.parametrize("bf16, fp16, fp16_vae, encoder, decoder", [
+    (True, True, False, torch.bfloat16, torch.bfloat16),    # Ampere and newer
+    (False, True, False, torch.float16, torch.float32),     # GTX 10xx / RTX 20xx: no bf16
+    (False, False, False, torch.float32, torch.float32),    # e.g. GTX 16xx, where fp16 is broken
+    (False, True, True, torch.float16, torch.float16),      # --fp16-vae
+])
+def test_dtype_policy_follows_comfyui(comfy, monkeypatch, bf16, fp16, fp16_vae, encoder, decoder):
+    mm = comfy.mm
+    monkeypatch.setattr(mm, "should_use_bf16", lambda *a, **k: bf16)
+    monkeypatch.setattr(mm, "should_use_fp16", lambda *a, **k: fp16)
+    monkeypatch.setattr(mm.args, "fp16_vae", fp16_vae)
+    device = torch.device("cuda", 0)  # only passed to the (replaced) capability checks
+    assert comfy.common.compute_dtype(device, comfy.common.ROLE_ENCODER) == encoder
+    assert comfy.common.compute_dtype(device, comfy.common.ROLE_DECODER) == decoder
+
+
+def test_load_patched_model_applies_the_policy(comfy, monkeypatch, tmp_path):
+    """Every model loaded through load_patched_model gets the dtype (FLUX aligners too)."""
+    import folder_paths
+    from tests.fixtures.aligner_files import write_official_aligner_pt
+
+    write_official_aligner_pt(tmp_path / "asuka_alignment_clip.pt", width=768, depth=1)
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, comfy.common.MODEL_FOLDER,
+                        ([str(tmp_path)], {".pt"}))
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    monkeypatch.setattr(comfy.common, "compute_dtype", lambda device, role="encoder": torch.float16)
+    patcher = comfy.common.load_patched_model("asuka_alignment_clip.pt",
+                                              comfy.pack("asuka_core.aligner").load_aligner, role="encoder")
+    assert patcher.model.compute_dtype == torch.float16
+    assert {p.dtype for p in patcher.model.parameters()} == {torch.float16}
+    assert patcher.model.compute_device == patcher.load_device
+
+
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
+def _public_output(model, kind: str, seed: int = 0) -> torch.Tensor:
+    """The value each node passes on: MAE features, aligner conditioning, decoded pixels."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "mae":
+        image = torch.rand(2, 96, 128, 3, generator=g)
+        mask = torch.zeros(2, 96, 128)
+        mask[:, 20:70, 30:90] = 1.0
+        return model.encode(image, mask).features
+    if kind == "aligner":
+        return model.conditioning(torch.randn(2, 256, 512, generator=g), 1.0)[0]
+    channels = 16 if kind == "asuka_decoder" else 4
+    z = torch.randn(1, channels, 8, 8, generator=g)
+    image = torch.rand(1, 64, 64, 3, generator=g)
+    mask = torch.zeros(1, 64, 64)
+    mask[:, 10:40, 20:50] = 1.0
+    return model.decode(z, image, mask)
+
+
+def _rounding_layers(model) -> int:
+    return sum(1 for m in model.modules() if hasattr(m, "weight") and getattr(m, "weight") is not None
+               and m.weight.ndim >= 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_half_precision_through_manual_cast_is_close_to_float32(comfy, kind, dtype):
+    """Weights stored and computed in ``dtype`` through ComfyUI's real manual_cast layers.
+
+    Bound, from rounding alone (not measured on this code): every weight layer rounds its
+    weights and its output with relative error <= u (the unit roundoff: 2^-8 bf16, 2^-11
+    fp16); independent errors over L layers add up like a random walk, ~u*sqrt(2L). The
+    test allows 4x that as a relative RMS error."""
+    reference = _build(comfy, kind)
+    half = _build(comfy, kind, dtype)
+    half.compute_dtype = dtype
+    assert {p.dtype for p in half.parameters()} == {dtype}
+    with torch.no_grad():
+        expected, got = _public_output(reference, kind), _public_output(half, kind)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    rel = ((got - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt()).item()
+    bound = 4 * UNIT_ROUNDOFF[dtype] * (2 * _rounding_layers(reference)) ** 0.5
+    print(f"{kind} {dtype}: relative RMS error {rel:.2e} (bound {bound:.2e})")
+    assert rel < bound
+
+
+def _large_activations(kind: str, sd: dict) -> dict:
+    """Weights whose activations pass float16's maximum (65504) in fp32, while each layer's
+    own output stays inside it: every block adds the same +-20000 pattern to the residual
+    stream (MAE, aligner); the decoder's first conv is simply scaled up."""
+    sd = dict(sd)
+    g = torch.Generator().manual_seed(7)
+
+    def pattern(t):
+        return 2e4 * (torch.randint(0, 2, t.shape, generator=g) * 2 - 1).to(t.dtype)
+
+    if kind == "mae":
+        p = pattern(sd["decoder_blocks.0.mlp.fc2.bias"])
+        for b in range(MAE_TINY["decoder_depth"]):
+            sd[f"decoder_blocks.{b}.mlp.fc2.bias"] = p
+    elif kind == "aligner":
+        p = pattern(sd["1.linear2.bias"])
+        for b in (1, 2, 3, 4):
+            sd[f"{b}.linear2.bias"] = p
+    else:
+        sd["decoder.conv_in.weight"] = sd["decoder.conv_in.weight"] * 3e4
+    return {k: v.half().float() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_float16_overflow_stays_finite(comfy, kind):
+    """Where fp16 cannot hold a value, the result must still be the float32 one (residual
+    streams kept in float32; a decode that overflows is redone in float32), never inf/NaN."""
+    if kind == "mae":
+        sd, load = official_mae_state_dict(0, **MAE_TINY), comfy.pack("asuka_core.mae").load_mae
+    elif kind == "aligner":
+        sd, load = official_aligner_state_dict(0, width=768, depth=4), comfy.pack("asuka_core.aligner").load_aligner
+    elif kind == "asuka_decoder":
+        sd, load = asuka_decoder_state_dict(seed=5, z_channels=16, **DECODER_TINY), comfy.pack("asuka_core.decoder").load_decoder
+    else:
+        sd, load = avq_ldm_state_dict(seed=5, with_extras=False, **DECODER_TINY), comfy.pack("asuka_core.decoder").load_decoder
+    sd = _large_activations(kind, sd)
+    reference = load(sd, operations=comfy.ops.manual_cast, dtype=torch.float32)
+    half = load(sd, operations=comfy.ops.manual_cast, dtype=torch.float16)
+    half.compute_dtype = torch.float16
+    with torch.no_grad():
+        expected, got = _public_output(reference, kind), _public_output(half, kind)
+    assert torch.isfinite(expected).all()
+    assert torch.isfinite(got).all(), "float16 overflowed into inf/NaN"
+    rel = ((got - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt()).item()
+    assert rel < 4 * UNIT_ROUNDOFF[torch.float16] * (2 * _rounding_layers(reference)) ** 0.5
