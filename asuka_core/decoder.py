@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -326,13 +326,23 @@ class MaskedDecoder(nn.Module):
         masked = (1 - mask) * image
         return torch.cat([masked, mask], dim=1) if self.kind == KIND_ASUKA else masked
 
-    def forward(self, z: torch.Tensor, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    @property
+    def stages(self) -> int:
+        """How many times ``forward`` calls its ``stage`` callback: after the mid block and
+        after each up level."""
+        return self.config.levels + 1
+
+    def forward(self, z: torch.Tensor, image: torch.Tensor, mask: torch.Tensor,
+                stage: Callable[[], None] | None = None) -> torch.Tensor:
         """``z`` [B,C,h,w] raw VAE latent; ``image`` [B,3,H,W] in -1..1; ``mask`` [B,1,H,W],
         1 = hole. All in the compute dtype on the model's device. Returns [B,3,H,W], nominally
-        -1..1, unclamped."""
+        -1..1, unclamped. ``stage()`` is called ``self.stages`` times on the way (progress;
+        it may raise to cancel)."""
+        stage = stage or (lambda: None)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         h = self.mid(self.conv_in(z))
+        stage()
         features = self.condition_encoder(self.condition_input(image, mask), self._keep)
         uses = [*(self._plan[lv] for lv in reversed(range(self.config.levels))), self._final]
 
@@ -347,6 +357,7 @@ class MaskedDecoder(nn.Module):
             h = fuse(h, take(self._plan[level]), hole)
             for step in self.up[level].steps():
                 h = step(h)  # rebinding the single name frees each level input early
+            stage()
         h = fuse(h, take(self._final), mask.to(h.dtype))
         h = _norm_swish(self.norm_out, h)
         return self.conv_out(h)
@@ -372,19 +383,30 @@ class MaskedDecoder(nn.Module):
         device, dtype = compute_device_dtype(self)
         batch, _, lh, lw = latent.shape
         grid = tile_grid(lh, lw, tile_size, tile_overlap)
-        total, done = batch * len(grid.tiles), 0
+        # Progress: per tile, or (untiled) per stage of the forward pass, so that a single
+        # large decode still reports and can be cancelled part-way.
+        per_sample = self.stages if grid.whole else len(grid.tiles)
+        total = batch * per_sample
         outputs = []
         # no_grad rather than inference_mode: the result stays an ordinary tensor that
         # callers may modify in place (e.g. when pasting the known pixels back).
         with torch.no_grad():
             for i in range(batch):  # one sample at a time bounds peak memory (see decode_memory_estimate)
-                def tick(_done: int, _total: int) -> None:
-                    report(progress, done + _done, total)
-
-                def run(run_dtype: torch.dtype) -> torch.Tensor:
+                def run(run_dtype: torch.dtype, base: int = i * per_sample) -> torch.Tensor:
                     z = latent[i:i + 1].to(device=device, dtype=run_dtype)
                     img = image_to_model(image[i:i + 1]).to(device=device, dtype=run_dtype)
                     msk = mask[i:i + 1, None].to(device=device, dtype=run_dtype)
+                    if grid.whole:
+                        done = iter(range(1, self.stages + 1))
+
+                        def stage() -> None:
+                            report(progress, base + next(done), total)
+
+                        return self.forward(z, img, msk, stage=stage).float()
+
+                    def tick(n: int, _total: int) -> None:
+                        report(progress, base + n, total)
+
                     return decode_tiled(self.forward, z, img, msk, scale=self.config.scale, grid=grid,
                                         progress=tick)
 
@@ -394,7 +416,6 @@ class MaskedDecoder(nn.Module):
                     # inf/NaN. Redo this sample in float32 (cast layers upcast their weights).
                     log.warning("masked decode overflowed float16; decoding this image again in float32")
                     x = run(torch.float32)
-                done += len(grid.tiles)
                 outputs.append(model_to_image(x).to(out_device))
         return torch.cat(outputs, dim=0)
 

@@ -146,6 +146,21 @@ def progress_bar(total: int) -> Callable[[int, int], None]:
     return update
 
 
+def notify(node_cls, text: str) -> None:
+    """Show ``text`` on the running node in the browser (ComfyUI's progress text), when the
+    node runs inside a server; the caller logs it too."""
+    hidden = getattr(node_cls, "hidden", None)
+    node_id = getattr(hidden, "unique_id", None)
+    if node_id is None:
+        return
+    try:
+        from server import PromptServer
+
+        PromptServer.instance.send_progress_text(text, node_id)
+    except Exception as e:  # noqa: BLE001 - a message that cannot be shown must not fail the node
+        log.debug("could not show progress text: %s", e)
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """True for a real allocation failure. (On CPU-only hosts ComfyUI's OOM_EXCEPTION is
     plain ``Exception``, so it cannot be used to tell OOM from other errors.)"""

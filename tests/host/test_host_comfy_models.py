@@ -257,3 +257,78 @@ def test_float16_overflow_stays_finite(comfy, kind):
     assert torch.isfinite(got).all(), "float16 overflowed into inf/NaN"
     rel = ((got - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt()).item()
     assert rel < 4 * UNIT_ROUNDOFF[torch.float16] * (2 * _rounding_layers(reference)) ** 0.5
+
+
+# --------------------------------------------------------------------------------------
+# ASUKA Masked Decode: progress, Cancel and the out-of-memory fallback (the node's code)
+
+
+def _decode_node(comfy, latent_cells: int, seed: int = 0):
+    model = _build(comfy, "asuka_decoder")
+    patcher = comfy.common.patch_model(model, torch.float32, load_device=CPU, offload_device=CPU)
+    g = torch.Generator().manual_seed(seed)
+    size = latent_cells * 8
+    latent = torch.randn(1, 16, latent_cells, latent_cells, generator=g)
+    image = torch.rand(1, size, size, 3, generator=g)
+    mask = torch.zeros(1, size, size)
+    mask[:, size // 4:size // 2, size // 3:size * 2 // 3] = 1.0
+    node = comfy.pack("nodes.decoder").MaskedDecode
+    return node, patcher, dict(decoder=patcher, samples={"samples": latent}, image=image, mask=mask,
+                               composite=False, tile_size=0, tile_overlap=64)
+
+
+def _inject_oom(model, too_large: int) -> list[int]:
+    """Make the decoder's forward fail like CUDA does for inputs wider than ``too_large``
+    latent cells, and otherwise return its image input (a stand-in that keeps the test fast
+    and makes the tiled result known: the picture itself). Returns the latent sizes seen."""
+    calls: list[int] = []
+
+    def failing(z, image, mask, stage=None):
+        calls.append(max(z.shape[-2:]))
+        if max(z.shape[-2:]) > too_large:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return image
+
+    model.forward = failing
+    return calls
+
+
+def test_untiled_decode_reports_progress_and_stops_on_cancel(comfy, monkeypatch):
+    import comfy.utils as comfy_utils
+
+    node, patcher, kwargs = _decode_node(comfy, 8)
+    updates = []
+    monkeypatch.setattr(comfy_utils, "PROGRESS_BAR_HOOK", lambda value, total, *a, **k: updates.append((value, total)))
+    node.execute(**kwargs)
+    model = patcher.model
+    assert len(updates) == model.stages and updates[-1][0] == updates[-1][1]   # one decode, several steps
+
+    finished = []
+    model.conv_out.register_forward_hook(lambda *a: finished.append(True))
+    comfy.mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(comfy.mm.InterruptProcessingException):
+            node.execute(**kwargs)
+    finally:
+        comfy.mm.interrupt_current_processing(False)
+    assert not finished, "Cancel did not stop the untiled decode before its end"
+
+
+def test_out_of_memory_falls_back_to_documented_tiles_and_says_so(comfy, monkeypatch):
+    node, patcher, kwargs = _decode_node(comfy, 72)     # 576 px: larger than one 512 px tile
+    messages = []
+    monkeypatch.setattr(comfy.common, "notify", lambda cls, text: messages.append(text))
+    calls = _inject_oom(patcher.model, too_large=64)
+    out = node.execute(**kwargs).result[0]
+    assert calls == [72] + [64] * 4                    # whole image first, then 2x2 tiles of 512 px
+    assert torch.allclose(out, kwargs["image"], atol=1e-5)   # tiles blended back into the whole picture
+    assert len(messages) == 1 and "512 px tiles" in messages[0]
+
+
+def test_out_of_memory_never_drops_below_the_documented_tile(comfy, monkeypatch):
+    node, patcher, kwargs = _decode_node(comfy, 136)    # 1088 px: 128, 96 and 64-cell tiles fit inside
+    monkeypatch.setattr(comfy.common, "notify", lambda cls, text: pytest.fail("claimed success"))
+    calls = _inject_oom(patcher.model, too_large=0)     # nothing fits
+    with pytest.raises(comfy.pack("asuka_core.errors").AsukaError, match=r"out of memory.*tile_size"):
+        node.execute(**kwargs)
+    assert calls == [136, 128, 96, 64]                  # one try per size, largest first, none under 512 px
