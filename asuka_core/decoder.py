@@ -268,6 +268,8 @@ class MaskedDecoder(nn.Module):
     latent_channels: int
     compute_dtype: torch.dtype | None
     compute_device: torch.device | None = None
+    ignored_keys: tuple[str, ...] = ()
+    """Weights of the file the decoder does not use (besides the known unused deconvs)."""
 
     def __init__(self, config: DecoderConfig, *, operations=None):
         super().__init__()
@@ -485,16 +487,17 @@ def load_decoder(source, *, operations=None, dtype: torch.dtype | None = None,
 
 
 def _load_strict(model: MaskedDecoder, weights: dict[str, torch.Tensor], name: str) -> None:
+    """Load every weight the decoder needs, refusing missing or mis-shaped ones. Extra
+    weights (other ``decoder.*`` keys a training run left in the file) are ignored with a
+    log line, as the official ``load_state_dict(strict=False)`` ignores them."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     wrong = sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)
-    if missing or unexpected or wrong:
+    if missing or wrong:
         parts = []
         if missing:
             parts.append(f"missing {_few(missing)}")
-        if unexpected:
-            parts.append(f"unsupported extra weights {_few(unexpected)}")
         if wrong:
             parts.append("unexpected shapes for " + _few(
                 [f"{k} {list(weights[k].shape)} (expected {list(expected[k].shape)})" for k in wrong]))
@@ -502,7 +505,12 @@ def _load_strict(model: MaskedDecoder, weights: dict[str, torch.Tensor], name: s
             f"{_LOADER}: '{name}' does not have the layout of a masked decoder: {'; '.join(parts)}. "
             "The file is damaged or a variant this pack does not support."
         )
+    if unexpected:
+        log.info("%s: '%s': ignoring %d weights the decoder does not use: %s", _LOADER, name,
+                 len(unexpected), _few(unexpected, 8))
+        weights = {k: v for k, v in weights.items() if k in expected}
     model.load_state_dict(weights, strict=True, assign=True)
+    model.ignored_keys = tuple(unexpected)
 
 
 def _few(items: list[str], n: int = 4) -> str:

@@ -509,6 +509,26 @@ def test_truncated_decoder_is_refused(tiny_asuka_sd):
         load_decoder(sd)
 
 
+def test_extra_decoder_weights_are_ignored_with_a_log_line(tiny_asuka, tiny_asuka_sd, tmp_path, caplog):
+    """The released asuka_decoder.ckpt may hold decoder.* weights beyond the decoder's
+    (the official demo loads it with strict=False): they are ignored and named in the log;
+    the decoder is the same as without them."""
+    sd = dict(tiny_asuka_sd)
+    sd["decoder.refiner.conv.weight"] = torch.randn(8, 8, 3, 3)
+    sd["decoder.up.1.attn.0.q.weight"] = torch.randn(64, 64, 1, 1)
+    path = tmp_path / "asuka_decoder.ckpt"
+    torch.save({"state_dict": sd, "epoch": 3}, path)
+    with caplog.at_level("INFO", logger="comfyui-asuka"):
+        decoder = load_decoder(str(path))
+    assert set(decoder.ignored_keys) == {"refiner.conv.weight", "up.1.attn.0.q.weight"}
+    assert "refiner.conv.weight" in caplog.text and "up.1.attn.0.q.weight" in caplog.text
+    z, image, mask = _inputs(2, batch=1, lh=4, lw=4, channels=16)
+    assert torch.equal(decoder.decode(z, image, mask), tiny_asuka.decode(z, image, mask))
+    del sd["decoder.mid.attn_1.q.weight"]          # a missing weight is still refused
+    with pytest.raises(CheckpointError, match=r"missing mid\.attn_1\.q\.weight"):
+        load_decoder(sd)
+
+
 class _PoisonOps:
     """Like comfy.ops.manual_cast: layers skip init (here: poison it) and cast weights to the
     input's dtype at run time. Proves every parameter is taken from the file."""
