@@ -446,13 +446,11 @@ class MaskedDecoder(nn.Module):
         image, mask = prepare_image_and_mask(image, mask, require_hole=False)
         height, width = image.shape[1], image.shape[2]
         s = self.config.scale
-        if height % s or width % s:
-            raise InputError(
-                f"IMAGE is {width}x{height}; the masked decoder needs both sides to be multiples of {s}. "
-                f"Crop or resize the image (and mask) to e.g. {width // s * s}x{height // s * s} "
-                "before encoding it."
-            )
         lh, lw = latent.shape[-2:]
+        if (height // s, width // s) == (lh, lw) and (height % s or width % s):
+            # VAEEncode cropped this image to multiples of 8 before encoding: do the same.
+            image, mask = crop_like_vae_encode(image, mask, s)
+            height, width = image.shape[1], image.shape[2]
         if (height, width) != (lh * s, lw * s):
             raise InputError(
                 f"IMAGE is {width}x{height} but the latent is {lw}x{lh} cells, which decodes to "
@@ -472,6 +470,43 @@ class MaskedDecoder(nn.Module):
 
 def _latent_family(channels: int) -> str:
     return {16: "FLUX", 4: "SD1.5"}.get(channels, "an unknown model's")
+
+
+def crop_like_vae_encode(image: torch.Tensor, mask: torch.Tensor, scale: int = 8
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crop IMAGE ``[B,H,W,C]`` and MASK ``[B,H,W]`` to multiples of ``scale`` the way
+    ComfyUI's VAEEncode crops its input: ``size // scale * scale`` pixels, starting
+    ``(size % scale) // 2`` pixels in (centred, the odd pixel on the far side)."""
+    height, width = image.shape[1], image.shape[2]
+    y0, x0 = (height % scale) // 2, (width % scale) // 2
+    h, w = height // scale * scale, width // scale * scale
+    return image[:, y0:y0 + h, x0:x0 + w], mask[:, y0:y0 + h, x0:x0 + w]
+
+
+# Spread of raw (ComfyUI LATENT) values, from ComfyUI's latent formats: a sampler works in
+# units of std ~1, and the latent is stored as x / scale_factor + shift_factor.
+FLUX_LATENT_STD = 1 / 0.3611   # ~2.77
+SD3_LATENT_STD = 1 / 1.5305    # ~0.65
+_SD3_SUSPECT_STD = (0.05, (FLUX_LATENT_STD * SD3_LATENT_STD) ** 0.5)  # up to the geometric mean, ~1.34
+
+
+def latent_family_warning(decoder: MaskedDecoder, latent: torch.Tensor) -> str | None:
+    """A warning when a latent that fits the decoder by channels looks like another model's.
+
+    Detectable: SD3 and FLUX latents both have 16 channels, but a sampled SD3 latent spreads
+    about 4x less (std ~0.65 against ~2.8). Not detectable: SDXL against SD1.5 latents (both
+    4 channels, std ~7.7 against ~5.5, overlapping in practice), see docs/decoder.md. An
+    all-zero (never sampled) latent gives no warning."""
+    if decoder.kind != KIND_ASUKA or latent.shape[1] != 16:
+        return None
+    std = float(latent.float().std())
+    low, high = _SD3_SUSPECT_STD
+    if not low < std < high:
+        return None
+    return (f"This latent's values spread like an SD3 latent (std {std:.2f}; FLUX latents are "
+            f"about {FLUX_LATENT_STD:.1f}, SD3 about {SD3_LATENT_STD:.2f}). The ASUKA decoder is "
+            "trained for FLUX latents only: an SD3 latent decodes to wrong colours. Decode SD3 "
+            "latents with VAE Decode.")
 
 
 # --------------------------------------------------------------------------------------
@@ -725,4 +760,5 @@ def decode_memory_estimate(decoder: MaskedDecoder, latent_shape, dtype: torch.dt
 
 
 __all__ = ["MaskedDecoder", "DecoderConfig", "CondLayer", "load_decoder", "decode_memory_estimate",
+           "crop_like_vae_encode", "latent_family_warning",
            "canonical_weights", "infer_config", "fuse", "KIND_ASUKA", "KIND_AVQ"]

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import comfy.model_management as mm
+import torch
 from comfy_api.latest import io
 
-from ..asuka_core.decoder import decode_memory_estimate, load_decoder
+from ..asuka_core.decoder import crop_like_vae_encode, decode_memory_estimate, latent_family_warning, load_decoder
 from ..asuka_core.errors import AsukaError, InputError
 from ..asuka_core.imaging import composite as paste_fill, prepare_image_and_mask
 from ..asuka_core.tiling import MIN_TILE
@@ -85,6 +86,10 @@ class MaskedDecode(io.ComfyNode):
             raise InputError(f"tile_size {tile_size} px is too small: use 0 (no tiling) or at least "
                              f"{MIN_TILE * 8} px.")
         latent = samples["samples"]
+        warning = latent_family_warning(decoder.model, latent) if isinstance(latent, torch.Tensor) else None
+        if warning:
+            common.log.warning("ASUKA Masked Decode: %s", warning)
+            common.notify(cls, warning)
         model = common.activate(
             decoder, decode_memory_estimate(decoder.model, latent.shape, decoder.model.compute_dtype))
         tile = tile_size // 8 or None
@@ -99,6 +104,7 @@ class MaskedDecode(io.ComfyNode):
             pixels = cls._decode_tiled_fallback(model, latent, image, mask, max(overlap, OOM_TILE_OVERLAP))
         if composite:
             image, mask = prepare_image_and_mask(image, mask, require_hole=False)
+            image, mask = crop_like_vae_encode(image, mask, model.config.scale)  # as decode() did
             pixels = paste_fill(image.to(pixels.device), pixels, mask.to(pixels.device))
         return io.NodeOutput(pixels.to(common.intermediate_device()))
 

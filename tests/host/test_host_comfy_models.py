@@ -332,3 +332,48 @@ def test_out_of_memory_never_drops_below_the_documented_tile(comfy, monkeypatch)
     with pytest.raises(comfy.pack("asuka_core.errors").AsukaError, match=r"out of memory.*tile_size"):
         node.execute(**kwargs)
     assert calls == [136, 128, 96, 64]                  # one try per size, largest first, none under 512 px
+
+
+# --------------------------------------------------------------------------------------
+# Latent families and sizes
+
+
+def test_image_not_multiple_of_8_is_cropped_as_vae_encode_does(comfy):
+    """ComfyUI's VAEEncode crops a 45x35 picture to 40x32 before encoding; the decoder
+    (and the node's composite) must use the same pixels, not refuse the picture."""
+    from comfy.sd import VAE
+
+    node, patcher, kwargs = _decode_node(comfy, 4)
+    g = torch.Generator().manual_seed(5)
+    image, mask = torch.rand(1, 35, 45, 3, generator=g), torch.zeros(1, 35, 45)
+    mask[:, 5:20, 10:30] = 1.0
+    latent = torch.randn(1, 16, 35 // 8, 45 // 8, generator=g)
+    # ComfyUI's own crop rule (VAE.vae_encode_crop_pixels) as the oracle
+    fake_vae = type("V", (), {"crop_input": True, "spacial_compression_encode": lambda self: 8})()
+    cropped = VAE.vae_encode_crop_pixels(fake_vae, image)
+    cropped_mask = VAE.vae_encode_crop_pixels(fake_vae, mask[..., None])[..., 0]
+    assert cropped.shape == (1, 32, 40, 3)
+    model = patcher.model
+    assert torch.equal(model.decode(latent, image, mask), model.decode(latent, cropped, cropped_mask))
+    kwargs.update(samples={"samples": latent}, image=image, mask=mask, composite=True)
+    out = node.execute(**kwargs).result[0]
+    assert out.shape == (1, 32, 40, 3)
+    keep = cropped_mask[0] == 0
+    assert torch.equal(out[0][keep], cropped[0][keep])       # the composite pasted the same pixels
+
+
+def test_sd3_latent_on_the_flux_decoder_is_flagged(comfy, monkeypatch):
+    """Both have 16 channels; ComfyUI's own latent formats say how each is stored."""
+    import comfy.latent_formats as formats
+
+    decoder = comfy.pack("asuka_core.decoder")
+    node, patcher, kwargs = _decode_node(comfy, 8)
+    sampled = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))  # a sampler's units
+    sd3, flux = formats.SD3().process_out(sampled), formats.Flux().process_out(sampled)
+    assert decoder.latent_family_warning(patcher.model, flux) is None
+    assert decoder.latent_family_warning(patcher.model, torch.zeros_like(flux)) is None
+    assert "SD3" in decoder.latent_family_warning(patcher.model, sd3)
+    messages = []
+    monkeypatch.setattr(comfy.common, "notify", lambda cls, text: messages.append(text))
+    node.execute(**{**kwargs, "samples": {"samples": sd3}})
+    assert len(messages) == 1 and "VAE Decode" in messages[0]
