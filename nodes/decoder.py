@@ -62,7 +62,8 @@ class MaskedDecode(io.ComfyNode):
                 DECODER.Input("decoder", tooltip="From Load ASUKA Masked Decoder."),
                 io.Latent.Input("samples", tooltip="The sampled latent (e.g. KSampler output)."),
                 io.Image.Input("image", tooltip=(
-                    "The original picture the latent was made from, same size as the latent x8.")),
+                    "The original picture the latent was made from, same size as the latent x8 (a picture "
+                    "that VAE Encode cropped to multiples of 8 is cropped the same way here).")),
                 io.Mask.Input("mask", tooltip="1 = the filled area; the same mask given to the sampler."),
                 io.Boolean.Input("composite", default=True, tooltip=(
                     "On: pixels outside the mask are copied unchanged from the input image and the mask "
