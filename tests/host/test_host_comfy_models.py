@@ -268,7 +268,8 @@ def _decode_node(comfy, latent_cells: int, seed: int = 0):
     patcher = comfy.common.patch_model(model, torch.float32, load_device=CPU, offload_device=CPU)
     g = torch.Generator().manual_seed(seed)
     size = latent_cells * 8
-    latent = torch.randn(1, 16, latent_cells, latent_cells, generator=g)
+    # spread like a sampled FLUX latent (raw ComfyUI LATENT values, std ~1/0.3611)
+    latent = torch.randn(1, 16, latent_cells, latent_cells, generator=g) / 0.3611
     image = torch.rand(1, size, size, 3, generator=g)
     mask = torch.zeros(1, size, size)
     mask[:, size // 4:size // 2, size // 3:size * 2 // 3] = 1.0
@@ -347,7 +348,7 @@ def test_image_not_multiple_of_8_is_cropped_as_vae_encode_does(comfy):
     g = torch.Generator().manual_seed(5)
     image, mask = torch.rand(1, 35, 45, 3, generator=g), torch.zeros(1, 35, 45)
     mask[:, 5:20, 10:30] = 1.0
-    latent = torch.randn(1, 16, 35 // 8, 45 // 8, generator=g)
+    latent = torch.randn(1, 16, 35 // 8, 45 // 8, generator=g) / 0.3611
     # ComfyUI's own crop rule (VAE.vae_encode_crop_pixels) as the oracle
     fake_vae = type("V", (), {"crop_input": True, "spacial_compression_encode": lambda self: 8})()
     cropped = VAE.vae_encode_crop_pixels(fake_vae, image)
