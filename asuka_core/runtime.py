@@ -57,11 +57,11 @@ def residual_dtype(compute: torch.dtype) -> torch.dtype:
 def layer_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Apply a LayerNorm layer to ``x`` in ``x``'s dtype, whatever its weights' dtype.
 
-    Cast layers (ComfyUI's ``manual_cast``, which mark themselves ``comfy_cast_weights``)
-    do that themselves and also apply ComfyUI's low-VRAM weight patches; a plain
+    Cast layers (ComfyUI's ``manual_cast``, or any comfy layer while ComfyUI has set its
+    ``comfy_cast_weights`` for partial loading) do that themselves and also apply ComfyUI's low-VRAM weight patches; a plain
     ``nn.LayerNorm`` refuses weights of another dtype, so it is applied functionally."""
     weight = module.weight
-    if getattr(module, "comfy_cast_weights", None) is not None or weight is None or weight.dtype == x.dtype:
+    if getattr(module, "comfy_cast_weights", False) or weight is None or weight.dtype == x.dtype:
         return module(x)
     bias = None if module.bias is None else module.bias.to(device=x.device, dtype=x.dtype)
     return F.layer_norm(x, module.normalized_shape, weight.to(device=x.device, dtype=x.dtype), bias, module.eps)
