@@ -162,3 +162,61 @@ def test_weight_one_without_empty_runs(host, flux_models, flux_runs):  # noqa: F
     res = host.client.run(g.prompt(), timeout=TIMEOUT)
     assert res.ok, res.describe()
     assert host.client.image(res, "save").shape == (SIZE, SIZE, 3)
+
+
+# ------------------------------------------------------------------------------ example workflow
+
+
+def test_flux_example_runs(host, flux_models, pictures):  # noqa: F811
+    """example_workflows/asuka_flux_fill.json, converted as the frontend's Queue button does,
+    has the official settings and runs with the test models after swapping in their file
+    names, a 2-step schedule and the stand-in empty prompt for the text-encoder pair."""
+    import json
+    import sys
+
+    from tests.host.comfy_client import REPO
+
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import workflows  # scripts/workflows.py
+
+    c, m = host.client, host.models
+    with open(os.path.join(workflows.WORKFLOW_DIR, "asuka_flux_fill.json")) as f:
+        prompt = workflows.to_api_prompt(json.load(f), c.object_info())
+    by_type = {}
+    for node_id, node in prompt.items():
+        by_type.setdefault(node["class_type"], []).append((node_id, node["inputs"]))
+    one = {t: v[0][1] for t, v in by_type.items()}
+    # the official settings, as committed
+    assert one["KSampler"]["cfg"] == 1.0 and one["KSampler"]["steps"] == 50
+    assert one["KSampler"]["sampler_name"] == "euler" and one["KSampler"]["scheduler"] == "simple"
+    assert one["InpaintModelConditioning"]["noise_mask"] is False
+    assert one["ASUKA_FluxConditioning"]["weight"] == 0.5 and one["ASUKA_FluxConditioning"]["guidance"] == 30.0
+    size_id = by_type["GetImageSize"][0][0]
+    assert one["ModelSamplingFlux"]["width"] == [size_id, 0] and one["ModelSamplingFlux"]["height"] == [size_id, 1]
+    assert (one["ModelSamplingFlux"]["max_shift"], one["ModelSamplingFlux"]["base_shift"]) == (1.15, 0.5)
+    assert one["CLIPTextEncode"]["text"] == ""
+    assert sorted(i["aligner_name"] for _, i in by_type["ASUKA_AlignerLoader"]) == [
+        "asuka_alignment_clip.pt", "asuka_alignment_t5.pt"]
+
+    # the test models
+    pics, mask = pictures
+    one["LoadImage"]["image"] = c.upload_image(pics[0], mask)
+    one["UNETLoader"]["unet_name"] = flux_models.unet
+    one["VAELoader"]["vae_name"] = flux_models.vae
+    one["ASUKA_MAELoader"]["mae_name"] = m.mae
+    one["ASUKA_DecoderLoader"]["decoder_name"] = m.asuka_decoder
+    for _, inputs in by_type["ASUKA_AlignerLoader"]:
+        inputs["aligner_name"] = {"asuka_alignment_clip.pt": m.flux_aligner,
+                                  "asuka_alignment_t5.pt": flux_models.t5_aligner}[inputs["aligner_name"]]
+    one["KSampler"]["steps"] = 2
+    one["SaveImage"]["filename_prefix"] = unique("flux-example")
+    for kind in ("DualCLIPLoader", "CLIPTextEncode"):
+        del prompt[by_type[kind][0][0]]
+    prompt["empty_standin"] = {"class_type": "ASUKATest_FluxEmpty", "inputs": {"seed": EMPTY_SEED}}
+    one["ASUKA_FluxConditioning"]["empty"] = ["empty_standin", 0]
+
+    res = c.run(prompt, timeout=TIMEOUT)
+    assert res.ok, res.describe()
+    out = c.image(res, by_type["SaveImage"][0][0])
+    assert out.shape == (SIZE, SIZE, 3)
+    assert np.abs(out.astype(int) - pics[0].astype(int))[mask == 0].max() <= 1
