@@ -47,6 +47,7 @@ def flux_runs(host_server, flux_models, pictures):  # noqa: F811
         g = flux_inpaint_graph(host=host_server, flux=flux_models, images=names, record_path=record, seed=SEED,
                                prefix=unique(f"flux-{tag}"), empty_seed=EMPTY_SEED)
         runs[tag] = c.run(g.prompt(), timeout=TIMEOUT)
+        runs["graph"] = g
         runs[tag + "_records"] = read_records(record)
     return runs
 
@@ -126,6 +127,9 @@ def test_same_seed_gives_identical_pixels(flux_runs, comfy):
 def test_models_are_not_reloaded_between_prompts(flux_runs):
     """The second prompt reuses the loaded FLUX model and both aligners (ComfyUI's cache)."""
     a2 = _ok(flux_runs, "a2")
+    g = flux_runs["graph"]
+    loaders = g.find("UNETLoader") + g.find("ASUKA_AlignerLoader") + g.find("ASUKA_MAELoader")
+    assert len(loaders) == 4 and set(loaders) <= a2.cached_nodes, (loaders, a2.cached_nodes)
     assert "cond" in a2.cached_nodes, "the FLUX conditioning was recomputed for unchanged inputs"
 
 
