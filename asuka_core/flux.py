@@ -27,14 +27,13 @@ invent a reference.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from .aligner import MAE_TOKENS, TARGET_FLUX_CLIP, TARGET_FLUX_T5, TARGET_WIDTHS, Aligner, check_features
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, InputError, finite_number
 
 T5_WIDTH = TARGET_WIDTHS[TARGET_FLUX_T5]        # 4096
 POOLED_WIDTH = TARGET_WIDTHS[TARGET_FLUX_CLIP]  # 768
@@ -67,23 +66,11 @@ def pooled_from_tokens(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def check_weight(weight) -> float:
-    try:
-        weight = float(weight)
-    except (TypeError, ValueError):
-        raise InputError(f"weight must be a number, got {weight!r}.") from None
-    if not math.isfinite(weight):
-        raise InputError(f"weight must be a finite number, got {weight}.")
-    return weight
+    return finite_number("weight", weight)
 
 
 def check_guidance(guidance) -> float:
-    try:
-        guidance = float(guidance)
-    except (TypeError, ValueError):
-        raise InputError(f"guidance must be a number, got {guidance!r}.") from None
-    if not math.isfinite(guidance) or guidance < 0:
-        raise InputError(f"guidance must be a finite number >= 0, got {guidance}.")
-    return guidance
+    return finite_number("guidance", guidance, minimum=0.0)
 
 
 def check_empty(txt, pooled, batch: int) -> tuple[torch.Tensor, torch.Tensor]:

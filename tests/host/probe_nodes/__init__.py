@@ -85,19 +85,9 @@ def _shape(t):
     return list(t.shape) if t is not None and hasattr(t, "shape") else None
 
 
-class RecordModelInputs:
+class RecordModelInputs(RecordCrossAttention):  # same inputs and outputs, another hook
     DESCRIPTION = ("Test probe: records what the diffusion model receives on every call (token sequence, "
                    "pooled vector, guidance, concat) as JSON lines appended to 'path'.")
-    CATEGORY = "_for_testing/asuka"
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "patch"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The model to observe."}),
-            "path": ("STRING", {"default": "", "tooltip": "JSON-lines file the records are appended to."}),
-        }}
 
     def patch(self, model, path):
         if not path:
