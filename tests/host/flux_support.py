@@ -3,7 +3,7 @@
 The models are random-weight and small where ComfyUI allows (``tests/fixtures/flux_files``):
 a FLUX.1-Fill transformer with the real widths and one double block (772 MiB bf16, loaded
 by the stock ``UNETLoader``), a 16-channel TAESD-layout VAE (``VAELoader``) and a one-block
-aligner of the T5-branch layout. They are built once into the shared cache (atomic
+aligner in the released T5-branch format (.pt). They are built once into the shared cache (atomic
 ``_cached``) and linked into the session server's ``diffusion_models`` / ``vae`` / ``asuka``
 folders, which ComfyUI re-lists when their contents change.
 """
@@ -23,7 +23,7 @@ from tests.host.conftest import _cached, _source_hash
 class FluxModels:
     unet: str = "asuka-test-flux1-fill-tiny.safetensors"
     vae: str = "asuka-test-vae16-tiny.safetensors"
-    t5_aligner: str = "asuka-test-alignment-t5-1block.safetensors"
+    t5_aligner: str = "asuka_alignment_t5_1block.pt"
 
 
 def _link(src: str, folder: str, name: str) -> None:
