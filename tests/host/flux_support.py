@@ -52,7 +52,8 @@ def flux_models(host_server, host_cache) -> FluxModels:
 def flux_inpaint_graph(*, host, flux: FluxModels, images: list[str], record_path: str | None, seed: int,
                        prefix: str, steps: int = 2, weight: float = 0.5, guidance: float = 30.0,
                        empty_seed: int | None = 7, clip_aligner: str | None = None,
-                       t5_aligner: str | None = None, decoder: str | None = None) -> Graph:
+                       t5_aligner: str | None = None, decoder: str | None = None,
+                       core_average: float | None = None) -> Graph:
     """The ASUKA FLUX.1-Fill graph, as in example_workflows/asuka_flux_fill.json but with the
     test models and the stand-in empty prompt:
 
@@ -62,6 +63,8 @@ def flux_inpaint_graph(*, host, flux: FluxModels, images: list[str], record_path
     cfg 1, euler, simple) -> ASUKA_MaskedDecode -> SaveImage ("save").
 
     The first image's mask serves the whole batch. Node ids: "cond", "sampler", "save".
+    ``core_average`` w: the ASUKA node at weight 1 (pure prior), then core
+    ConditioningAverage(to = ASUKA, from = empty, to_strength = w) instead of the node's blend.
     """
     m = host.models
     g = Graph()
@@ -77,8 +80,14 @@ def flux_inpaint_graph(*, host, flux: FluxModels, images: list[str], record_path
     extra = {}
     if empty_seed is not None:
         extra["empty"] = g.add("ASUKATest_FluxEmpty", seed=empty_seed)[0]
-    cond = g.add("ASUKA_FluxConditioning", _id="cond", prior=prior[0], clip_aligner=clip[0], t5_aligner=t5[0],
-                 weight=weight, guidance=guidance, **extra)
+    if core_average is not None:
+        pure = g.add("ASUKA_FluxConditioning", _id="cond", prior=prior[0], clip_aligner=clip[0],
+                     t5_aligner=t5[0], weight=1.0, guidance=guidance)
+        cond = g.add("ConditioningAverage", conditioning_to=pure[0], conditioning_from=extra["empty"],
+                     conditioning_to_strength=core_average)
+    else:
+        cond = g.add("ASUKA_FluxConditioning", _id="cond", prior=prior[0], clip_aligner=clip[0],
+                     t5_aligner=t5[0], weight=weight, guidance=guidance, **extra)
     vae = g.add("VAELoader", vae_name=flux.vae)
     imc = g.add("InpaintModelConditioning", positive=cond[0], negative=cond[0], vae=vae[0], pixels=pixels,
                 mask=mask, noise_mask=False)

@@ -116,6 +116,21 @@ def test_recorded_conditioning_is_the_official_blend(flux_runs, host, flux_model
     assert np.abs(head[0] - head[1]).max() > 1e-3 and np.abs(y[0] - y[1]).max() > 1e-3
 
 
+def test_blend_equals_core_conditioning_average(host, flux_models, flux_runs):  # noqa: F811
+    """A second implementation of the blend, in the server: the node at weight 1 (pure prior)
+    followed by ComfyUI's own ConditioningAverage(to = ASUKA, from = empty, 0.5) hands the
+    model the same tokens, pooled vector and guidance as the node's weight 0.5 blend."""
+    record = os.path.join(host.record_dir, f"flux-avg-{unique()}.jsonl")
+    g = flux_inpaint_graph(host=host, flux=flux_models, images=flux_runs["names"], record_path=record,
+                           seed=SEED, prefix=unique("flux-avg"), empty_seed=EMPTY_SEED, core_average=0.5, steps=1)
+    res = host.client.run(g.prompt(), timeout=TIMEOUT)
+    assert res.ok, res.describe()
+    core, ours = read_records(record)[0], _ok(flux_runs, "a") and flux_runs["a_records"][0]
+    assert core["context"] == ours["context"] == [2, 256, 4096] and core["guidance"] == ours["guidance"]
+    for key in ("y_values", "context_head", "context_tail", "context_abs_sum"):
+        np.testing.assert_allclose(np.array(core[key]), np.array(ours[key]), rtol=1e-5, atol=1e-6, err_msg=key)
+
+
 def test_same_seed_gives_identical_pixels(flux_runs, comfy):
     a, a2 = _ok(flux_runs, "a"), _ok(flux_runs, "a2")
     assert "sampler" not in a2.cached_nodes, "the second run was served from the cache; it proves nothing"
