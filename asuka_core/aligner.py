@@ -41,7 +41,7 @@ from .checkpoint import (
     unwrap_state_dict,
 )
 from .errors import CheckpointError, InputError, finite_number
-from .runtime import compute_device_dtype, resolve_ops
+from .runtime import compute_device_dtype, layer_norm, residual_dtype, resolve_ops
 
 TARGET_SD15 = "sd15"
 TARGET_FLUX_CLIP = "flux_clip"
@@ -207,16 +207,18 @@ class AlignerBlock(nn.Module):
         self.linear2 = ops.Linear(5 * width, width, dtype=dtype, device=device)
         self.norm = _QKNorm(HEAD_DIM, dtype, device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``x`` is the residual stream; the layers compute in ``dtype`` (default: ``x``'s)."""
         b, n, d = x.shape
-        u = F.layer_norm(x, (d,), eps=1e-6)  # affine-free pre-norm: no parameters to cast
+        dtype = dtype or x.dtype
+        u = F.layer_norm(x, (d,), eps=1e-6).to(dtype)  # affine-free pre-norm: no parameters to cast
         qkv, mlp = self.linear1(u).split([3 * d, 4 * d], dim=-1)
         q, k, v = qkv.view(b, n, 3, self.heads, HEAD_DIM).permute(2, 0, 3, 1, 4).unbind(0)
         q = self.norm.query_norm(q).to(v.dtype)
         k = self.norm.key_norm(k).to(v.dtype)
         attn = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(64), no mask
         attn = attn.transpose(1, 2).reshape(b, n, d)
-        return x + self.linear2(torch.cat((attn, F.gelu(mlp, approximate="tanh")), dim=-1))
+        return x + self.linear2(torch.cat((attn, F.gelu(mlp, approximate="tanh")), dim=-1)).to(x.dtype)
 
 
 class Aligner(nn.Module):
@@ -238,6 +240,7 @@ class Aligner(nn.Module):
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
         self.width, self.depth, self.target = width, depth, target
         self.compute_dtype: torch.dtype | None = None
+        self.compute_device: torch.device | None = None
         ops = resolve_ops(operations)
         # Built on the meta device, then given uninitialised storage: loading overwrites
         # every value, so random initialisation (1B parameters for D = 4096) is skipped.
@@ -277,8 +280,11 @@ class Aligner(nn.Module):
         x = check_features(features)
         device, dtype = compute_device_dtype(self)
         x = _zero_non_finite(x).to(device=device, dtype=dtype)
-        for i in range(self.depth + 2):
-            x = self._modules[str(i)](x)
+        # float16 computes with a float32 residual stream (see residual_dtype).
+        x = self._modules["0"](x).to(residual_dtype(dtype))
+        for i in range(1, self.depth + 1):
+            x = self._modules[str(i)](x, dtype)
+        x = layer_norm(self._modules[str(self.depth + 1)], x)
         return x.to(device=features.device, dtype=torch.float32)
 
     def conditioning(self, features: torch.Tensor, strength: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -332,9 +338,7 @@ def _zero_non_finite(x: torch.Tensor) -> torch.Tensor:
     """The official pipeline replaces NaN MAE features by zeros (no visible context);
     done here per sample, so one bad image does not blank the rest of a batch."""
     bad = ~torch.isfinite(x).flatten(1).all(dim=1)
-    if bool(bad.any()):
-        x = torch.where(bad[:, None, None], torch.zeros_like(x), x)
-    return x
+    return torch.where(bad[:, None, None], torch.zeros_like(x), x)  # no host sync
 
 
 # --------------------------------------------------------------------------------------

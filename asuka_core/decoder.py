@@ -26,9 +26,10 @@ Internal parameter names are the ldm (ComfyUI-native) decoder names without the
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,8 @@ from .errors import CheckpointError, InputError
 from .imaging import image_to_model, model_to_image, prepare_image_and_mask
 from .runtime import Progress, compute_device_dtype, report, resolve_ops
 from .tiling import decode_tiled, tile_grid
+
+log = logging.getLogger("comfyui-asuka")
 
 KIND_ASUKA = "asuka"
 KIND_AVQ = "avq"
@@ -264,6 +267,9 @@ class MaskedDecoder(nn.Module):
     kind: str
     latent_channels: int
     compute_dtype: torch.dtype | None
+    compute_device: torch.device | None = None
+    ignored_keys: tuple[str, ...] = ()
+    """Weights of the file the decoder does not use (besides the known unused deconvs)."""
 
     def __init__(self, config: DecoderConfig, *, operations=None):
         super().__init__()
@@ -322,13 +328,23 @@ class MaskedDecoder(nn.Module):
         masked = (1 - mask) * image
         return torch.cat([masked, mask], dim=1) if self.kind == KIND_ASUKA else masked
 
-    def forward(self, z: torch.Tensor, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    @property
+    def stages(self) -> int:
+        """How many times ``forward`` calls its ``stage`` callback: after the mid block and
+        after each up level."""
+        return self.config.levels + 1
+
+    def forward(self, z: torch.Tensor, image: torch.Tensor, mask: torch.Tensor,
+                stage: Callable[[], None] | None = None) -> torch.Tensor:
         """``z`` [B,C,h,w] raw VAE latent; ``image`` [B,3,H,W] in -1..1; ``mask`` [B,1,H,W],
         1 = hole. All in the compute dtype on the model's device. Returns [B,3,H,W], nominally
-        -1..1, unclamped."""
+        -1..1, unclamped. ``stage()`` is called ``self.stages`` times on the way (progress;
+        it may raise to cancel)."""
+        stage = stage or (lambda: None)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         h = self.mid(self.conv_in(z))
+        stage()
         features = self.condition_encoder(self.condition_input(image, mask), self._keep)
         uses = [*(self._plan[lv] for lv in reversed(range(self.config.levels))), self._final]
 
@@ -343,6 +359,7 @@ class MaskedDecoder(nn.Module):
             h = fuse(h, take(self._plan[level]), hole)
             for step in self.up[level].steps():
                 h = step(h)  # rebinding the single name frees each level input early
+            stage()
         h = fuse(h, take(self._final), mask.to(h.dtype))
         h = _norm_swish(self.norm_out, h)
         return self.conv_out(h)
@@ -368,21 +385,39 @@ class MaskedDecoder(nn.Module):
         device, dtype = compute_device_dtype(self)
         batch, _, lh, lw = latent.shape
         grid = tile_grid(lh, lw, tile_size, tile_overlap)
-        total, done = batch * len(grid.tiles), 0
+        # Progress: per tile, or (untiled) per stage of the forward pass, so that a single
+        # large decode still reports and can be cancelled part-way.
+        per_sample = self.stages if grid.whole else len(grid.tiles)
+        total = batch * per_sample
         outputs = []
         # no_grad rather than inference_mode: the result stays an ordinary tensor that
         # callers may modify in place (e.g. when pasting the known pixels back).
         with torch.no_grad():
             for i in range(batch):  # one sample at a time bounds peak memory (see decode_memory_estimate)
-                z = latent[i:i + 1].to(device=device, dtype=dtype)
-                img = image_to_model(image[i:i + 1]).to(device=device, dtype=dtype)
-                msk = mask[i:i + 1, None].to(device=device, dtype=dtype)
+                def run(run_dtype: torch.dtype, base: int = i * per_sample) -> torch.Tensor:
+                    z = latent[i:i + 1].to(device=device, dtype=run_dtype)
+                    img = image_to_model(image[i:i + 1]).to(device=device, dtype=run_dtype)
+                    msk = mask[i:i + 1, None].to(device=device, dtype=run_dtype)
+                    if grid.whole:
+                        done = iter(range(1, self.stages + 1))
 
-                def tick(_done: int, _total: int) -> None:
-                    report(progress, done + _done, total)
+                        def stage() -> None:
+                            report(progress, base + next(done), total)
 
-                x = decode_tiled(self.forward, z, img, msk, scale=self.config.scale, grid=grid, progress=tick)
-                done += len(grid.tiles)
+                        return self.forward(z, img, msk, stage=stage).float()
+
+                    def tick(n: int, _total: int) -> None:
+                        report(progress, base + n, total)
+
+                    return decode_tiled(self.forward, z, img, msk, scale=self.config.scale, grid=grid,
+                                        progress=tick)
+
+                x = run(dtype)
+                if dtype == torch.float16 and not bool(torch.isfinite(x).all()):
+                    # float16 tops out at 65504; a decoder whose activations exceed it gives
+                    # inf/NaN. Redo this sample in float32 (cast layers upcast their weights).
+                    log.warning("masked decode overflowed float16; decoding this image again in float32")
+                    x = run(torch.float32)
                 outputs.append(model_to_image(x).to(out_device))
         return torch.cat(outputs, dim=0)
 
@@ -411,13 +446,11 @@ class MaskedDecoder(nn.Module):
         image, mask = prepare_image_and_mask(image, mask, require_hole=False)
         height, width = image.shape[1], image.shape[2]
         s = self.config.scale
-        if height % s or width % s:
-            raise InputError(
-                f"IMAGE is {width}x{height}; the masked decoder needs both sides to be multiples of {s}. "
-                f"Crop or resize the image (and mask) to e.g. {width // s * s}x{height // s * s} "
-                "before encoding it."
-            )
         lh, lw = latent.shape[-2:]
+        if (height // s, width // s) == (lh, lw) and (height % s or width % s):
+            # VAEEncode cropped this image to multiples of 8 before encoding: do the same.
+            image, mask = crop_like_vae_encode(image, mask, s)
+            height, width = image.shape[1], image.shape[2]
         if (height, width) != (lh * s, lw * s):
             raise InputError(
                 f"IMAGE is {width}x{height} but the latent is {lw}x{lh} cells, which decodes to "
@@ -439,6 +472,43 @@ def _latent_family(channels: int) -> str:
     return {16: "FLUX", 4: "SD1.5"}.get(channels, "an unknown model's")
 
 
+def crop_like_vae_encode(image: torch.Tensor, mask: torch.Tensor, scale: int = 8
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crop IMAGE ``[B,H,W,C]`` and MASK ``[B,H,W]`` to multiples of ``scale`` the way
+    ComfyUI's VAEEncode crops its input: ``size // scale * scale`` pixels, starting
+    ``(size % scale) // 2`` pixels in (centred, the odd pixel on the far side)."""
+    height, width = image.shape[1], image.shape[2]
+    y0, x0 = (height % scale) // 2, (width % scale) // 2
+    h, w = height // scale * scale, width // scale * scale
+    return image[:, y0:y0 + h, x0:x0 + w], mask[:, y0:y0 + h, x0:x0 + w]
+
+
+# Spread of raw (ComfyUI LATENT) values, from ComfyUI's latent formats: a sampler works in
+# units of std ~1, and the latent is stored as x / scale_factor + shift_factor.
+FLUX_LATENT_STD = 1 / 0.3611   # ~2.77
+SD3_LATENT_STD = 1 / 1.5305    # ~0.65
+_SD3_SUSPECT_STD = (0.05, (FLUX_LATENT_STD * SD3_LATENT_STD) ** 0.5)  # up to the geometric mean, ~1.34
+
+
+def latent_family_warning(decoder: MaskedDecoder, latent: torch.Tensor) -> str | None:
+    """A warning when a latent that fits the decoder by channels looks like another model's.
+
+    Detectable: SD3 and FLUX latents both have 16 channels, but a sampled SD3 latent spreads
+    about 4x less (std ~0.65 against ~2.8). Not detectable: SDXL against SD1.5 latents (both
+    4 channels, std ~7.7 against ~5.5, overlapping in practice), see docs/decoder.md. An
+    all-zero (never sampled) latent gives no warning."""
+    if decoder.kind != KIND_ASUKA or latent.shape[1] != 16:
+        return None
+    std = float(latent.float().std())
+    low, high = _SD3_SUSPECT_STD
+    if not low < std < high:
+        return None
+    return (f"This latent's values spread like an SD3 latent (std {std:.2f}; FLUX latents are "
+            f"about {FLUX_LATENT_STD:.1f}, SD3 about {SD3_LATENT_STD:.2f}). The ASUKA decoder is "
+            "trained for FLUX latents only: an SD3 latent decodes to wrong colours. Decode SD3 "
+            "latents with VAE Decode.")
+
+
 # --------------------------------------------------------------------------------------
 # Loading
 
@@ -452,16 +522,17 @@ def load_decoder(source, *, operations=None, dtype: torch.dtype | None = None,
 
 
 def _load_strict(model: MaskedDecoder, weights: dict[str, torch.Tensor], name: str) -> None:
+    """Load every weight the decoder needs, refusing missing or mis-shaped ones. Extra
+    weights (other ``decoder.*`` keys a training run left in the file) are ignored with a
+    log line, as the official ``load_state_dict(strict=False)`` ignores them."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     wrong = sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)
-    if missing or unexpected or wrong:
+    if missing or wrong:
         parts = []
         if missing:
             parts.append(f"missing {_few(missing)}")
-        if unexpected:
-            parts.append(f"unsupported extra weights {_few(unexpected)}")
         if wrong:
             parts.append("unexpected shapes for " + _few(
                 [f"{k} {list(weights[k].shape)} (expected {list(expected[k].shape)})" for k in wrong]))
@@ -469,7 +540,12 @@ def _load_strict(model: MaskedDecoder, weights: dict[str, torch.Tensor], name: s
             f"{_LOADER}: '{name}' does not have the layout of a masked decoder: {'; '.join(parts)}. "
             "The file is damaged or a variant this pack does not support."
         )
+    if unexpected:
+        log.info("%s: '%s': ignoring %d weights the decoder does not use: %s", _LOADER, name,
+                 len(unexpected), _few(unexpected, 8))
+        weights = {k: v for k, v in weights.items() if k in expected}
     model.load_state_dict(weights, strict=True, assign=True)
+    model.ignored_keys = tuple(unexpected)
 
 
 def _few(items: list[str], n: int = 4) -> str:
@@ -684,4 +760,5 @@ def decode_memory_estimate(decoder: MaskedDecoder, latent_shape, dtype: torch.dt
 
 
 __all__ = ["MaskedDecoder", "DecoderConfig", "CondLayer", "load_decoder", "decode_memory_estimate",
+           "crop_like_vae_encode", "latent_family_warning",
            "canonical_weights", "infer_config", "fuse", "KIND_ASUKA", "KIND_AVQ"]

@@ -32,7 +32,7 @@ from .checkpoint import KIND_MAE, as_checkpoint, expect_kind
 from .errors import CheckpointError
 from .imaging import prepare_image_and_mask
 from .resize import area_resize_uint8, nearest_resize_cv
-from .runtime import Progress, compute_device_dtype, report, resolve_ops
+from .runtime import Progress, compute_device_dtype, layer_norm, report, residual_dtype, resolve_ops
 
 MAE_SIZE = 256
 """Side of the square the official code squashes every image to."""
@@ -209,9 +209,12 @@ class Block(nn.Module):
         self.norm2 = ops.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.mlp = Mlp(dim, ops)
 
-    def forward(self, x: torch.Tensor, key_allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), key_allowed)
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x: torch.Tensor, key_allowed: Optional[torch.Tensor] = None,
+                dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """``x`` is the residual stream; the layers compute in ``dtype`` (default: ``x``'s)."""
+        dtype = dtype or x.dtype
+        x = x + self.attn(layer_norm(self.norm1, x).to(dtype), key_allowed).to(x.dtype)
+        return x + self.mlp(layer_norm(self.norm2, x).to(dtype)).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -291,6 +294,7 @@ class MAE(nn.Module):
     constructor alone leaves every tensor uninitialised (they all come from the file)."""
 
     compute_dtype: Optional[torch.dtype] = None
+    compute_device: Optional[torch.device] = None
 
     def __init__(self, config: MAEConfig, operations=None):
         super().__init__()
@@ -375,41 +379,47 @@ class MAE(nn.Module):
         latent = self._encode(x, hole, fully, dtype)
         y = self._decoder_input(latent, x, m, hole, partial, dtype)
         for blk in self.decoder_blocks[:FEATURE_BLOCKS]:
-            y = blk(y)
+            y = blk(y, dtype=dtype)
         # The official encoder yields NaN when no patch is visible and the caller then
         # replaces the feature with zeros; here that is done per image, without NaN.
         features = torch.where(fully[:, None, None], torch.zeros_like(y), y).float()
         for blk in self.decoder_blocks[FEATURE_BLOCKS:]:
-            y = blk(y)
-        image = self._unpatchify(self.decoder_pred(self.decoder_norm(y)).float())
+            y = blk(y, dtype=dtype)
+        image = self._unpatchify(self.decoder_pred(layer_norm(self.decoder_norm, y).to(dtype)).float())
         mean = image.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         std = image.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
         return _Outputs(features, (image * std + mean).clamp(0.0, 1.0), hole, fully)
 
     def _encode(self, x: torch.Tensor, hole: torch.Tensor, fully: torch.Tensor,
                 dtype: torch.dtype) -> torch.Tensor:
-        tokens = self.patch_embed(x) + self.pos_embed.to(dtype)
+        # Root tensors (position tables, mask token, alpha) are not in any layer: under
+        # partial loading they stay on the offload device, so they follow the activations.
+        # The residual stream is float32 when computing in float16 (see residual_dtype).
+        stream = residual_dtype(dtype)
+        tokens = self.patch_embed(x).to(stream)
+        tokens = tokens + self.pos_embed.to(device=tokens.device, dtype=stream)
         # Every query may only read patches without hole pixels. A fully masked image has
         # no such patch; its encoder output is never used (all its decoder tokens become
         # mask tokens), so it attends everywhere instead of producing NaN.
         key_allowed = (~hole | fully[:, None])[:, None, None, :]
         for blk in self.blocks:
-            tokens = blk(tokens, key_allowed)
-        return self.norm(tokens)
+            tokens = blk(tokens, key_allowed, dtype)
+        return layer_norm(self.norm, tokens).to(dtype)
 
     def _decoder_input(self, latent: torch.Tensor, x: torch.Tensor, m: torch.Tensor,
                        hole: torch.Tensor, partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        y = self.decoder_embed(latent)
+        stream = residual_dtype(dtype)
+        y = self.decoder_embed(latent).to(stream)
         # Hole patches get the mask token; `where` (not a convex mix) so nothing computed
         # for them upstream, even NaN, can reach the decoder.
-        y = torch.where(hole[..., None], self.mask_token.to(dtype), y)
-        a = self.partial_alpha
-        if a is not None and bool(partial.any()):
+        y = torch.where(hole[..., None], self.mask_token.to(device=y.device, dtype=stream), y)
+        if self.partial_alpha is not None:
             # Partially covered patches also see their visible pixels, embedded directly.
-            visible = self.decoder_patch_embed(torch.cat([x * (1 - m), m], dim=1))
-            a_t = self.alpha.to(dtype).clamp(0.0, 1.0)
+            # (Computed for every patch and selected: no host sync on the mask.)
+            visible = self.decoder_patch_embed(torch.cat([x * (1 - m), m], dim=1)).to(stream)
+            a_t = self.alpha.to(device=y.device, dtype=stream).clamp(0.0, 1.0)
             y = torch.where(partial[..., None], a_t * y + (1 - a_t) * visible, y)
-        return y + self.decoder_pos_embed.to(dtype)
+        return y + self.decoder_pos_embed.to(device=y.device, dtype=stream)
 
     def _unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
         """``[B, g*g, p*p*3]`` (each token ordered row-in-patch, col-in-patch, channel)

@@ -60,10 +60,27 @@ def model_path(name: str) -> str:
     return path
 
 
-def compute_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the device supports it (the official ASUKA inference dtype), else fp32."""
+ROLE_ENCODER = "encoder"
+ROLE_DECODER = "decoder"
+
+
+def compute_dtype(device: torch.device, role: str = ROLE_ENCODER) -> torch.dtype:
+    """The dtype a model is stored and computed in on ``device``, as ComfyUI would choose it.
+
+    encoder (MAE, aligners): bf16 where the device supports it (the official ASUKA inference
+    dtype), else fp16 where ComfyUI runs manual-cast models in fp16 (e.g. NVIDIA cards
+    before Ampere: GTX 10xx, RTX 20xx), else fp32. In fp16 the residual streams stay in fp32
+    (``asuka_core.runtime.residual_dtype``).
+    decoder: ComfyUI's rule for VAEs of this family (``vae_dtype`` with bf16/fp32, so fp32 on
+    cards without bf16; ``--fp16-vae``/``--bf16-vae``/``--fp32-vae`` override it). A float16
+    decode that overflows is redone in float32.
+    """
+    if role == ROLE_DECODER:
+        return mm.vae_dtype(device, [torch.bfloat16, torch.float32])
     if mm.should_use_bf16(device, prioritize_performance=False):
         return torch.bfloat16
+    if mm.should_use_fp16(device, prioritize_performance=False, manual_cast=True):
+        return torch.float16
     return torch.float32
 
 
@@ -85,19 +102,30 @@ def load_patched_model(name: str, loader: Callable, *, role: str) -> comfy.model
     cached = _loaded.get(key)
     if cached is not None:
         return cached
-    if role == "decoder":
+    if role == ROLE_DECODER:
         load_device, offload_device = mm.vae_device(), mm.vae_offload_device()
-        dtype = mm.vae_dtype(load_device, [torch.bfloat16, torch.float32])
     else:
         load_device, offload_device = mm.get_torch_device(), mm.text_encoder_offload_device()
-        dtype = compute_dtype(load_device)
+    dtype = compute_dtype(load_device, role)
     model = loader(path, operations=comfy.ops.manual_cast, dtype=dtype, device=offload_device)
-    model.compute_dtype = dtype
-    model.eval().requires_grad_(False)
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    patcher = patch_model(model, dtype, load_device=load_device, offload_device=offload_device)
     _loaded[key] = patcher
     log.info("loaded %s (%s, %s on %s)", name, type(model).__name__, dtype, load_device)
     return patcher
+
+
+def patch_model(model: torch.nn.Module, dtype: torch.dtype, *, load_device: torch.device,
+                offload_device: torch.device) -> comfy.model_patcher.ModelPatcher:
+    """Wrap a model built with ``comfy.ops.manual_cast`` layers in a ModelPatcher.
+
+    The model computes on the patcher's ``load_device`` in ``dtype`` wherever its weights
+    are: under ``--lowvram``/``--novram`` ComfyUI moves only some layers (and never the
+    tensors outside layers), the rest are cast to the compute device per call.
+    """
+    model.compute_dtype = dtype
+    model.compute_device = load_device
+    model.eval().requires_grad_(False)
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
 
 def activate(patcher: comfy.model_patcher.ModelPatcher, memory_required: int = 0) -> torch.nn.Module:
@@ -116,6 +144,21 @@ def progress_bar(total: int) -> Callable[[int, int], None]:
         bar.update_absolute(done, total)
 
     return update
+
+
+def notify(node_cls, text: str) -> None:
+    """Show ``text`` on the running node in the browser (ComfyUI's progress text), when the
+    node runs inside a server; the caller logs it too."""
+    hidden = getattr(node_cls, "hidden", None)
+    node_id = getattr(hidden, "unique_id", None)
+    if node_id is None:
+        return
+    try:
+        from server import PromptServer
+
+        PromptServer.instance.send_progress_text(text, node_id)
+    except Exception as e:  # noqa: BLE001 - a message that cannot be shown must not fail the node
+        log.debug("could not show progress text: %s", e)
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import comfy.model_management as mm
+import torch
 from comfy_api.latest import io
 
-from ..asuka_core.decoder import decode_memory_estimate, load_decoder
-from ..asuka_core.errors import InputError
+from ..asuka_core.decoder import crop_like_vae_encode, decode_memory_estimate, latent_family_warning, load_decoder
+from ..asuka_core.errors import AsukaError, InputError
 from ..asuka_core.imaging import composite as paste_fill, prepare_image_and_mask
 from ..asuka_core.tiling import MIN_TILE
 from . import common
 from .types import CATEGORY, DECODER
 
-# Latent cells per tile when decoding falls back to tiles after running out of memory.
-OOM_TILE_SIZES = (64, 32, 16)
+# Latent cells per tile when an untiled decode runs out of memory, largest first. The last
+# is the smallest tile docs/decoder.md recommends (64 cells = 512 px); smaller tiles change
+# the result more, so the fallback never goes below it on its own: the user is told to
+# choose a smaller tile_size instead.
+OOM_TILE_SIZES = (128, 96, 64)
+OOM_TILE_OVERLAP = 8  # latent cells (64 px), the node's default overlap
 
 
 class DecoderLoader(io.ComfyNode):
@@ -57,19 +62,22 @@ class MaskedDecode(io.ComfyNode):
                 DECODER.Input("decoder", tooltip="From Load ASUKA Masked Decoder."),
                 io.Latent.Input("samples", tooltip="The sampled latent (e.g. KSampler output)."),
                 io.Image.Input("image", tooltip=(
-                    "The original picture the latent was made from, same size as the latent x8.")),
+                    "The original picture the latent was made from, same size as the latent x8 (a picture "
+                    "that VAE Encode cropped to multiples of 8 is cropped the same way here).")),
                 io.Mask.Input("mask", tooltip="1 = the filled area; the same mask given to the sampler."),
                 io.Boolean.Input("composite", default=True, tooltip=(
                     "On: pixels outside the mask are copied unchanged from the input image and the mask "
                     "blends the decoded fill in. Off: the decoder's raw output everywhere.")),
                 io.Int.Input("tile_size", default=0, min=0, max=4096, step=8, tooltip=(
-                    "0 = decode the whole image at once (falls back to tiles if memory runs out). "
+                    "0 = decode the whole image at once; if memory runs out it is decoded in 1024, 768 or "
+                    "512 px tiles and the node says so. "
                     "Otherwise the tile side in pixels (512 or more recommended: tiles only approximate "
                     "the whole-image decode, see docs/decoder.md), to bound memory on very large images.")),
                 io.Int.Input("tile_overlap", default=64, min=0, max=1024, step=8, tooltip=(
                     "Overlap between tiles in pixels; tiles are feathered across it so no seam shows.")),
             ],
             outputs=[io.Image.Output(display_name="image", tooltip="The decoded picture.")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -79,39 +87,55 @@ class MaskedDecode(io.ComfyNode):
             raise InputError(f"tile_size {tile_size} px is too small: use 0 (no tiling) or at least "
                              f"{MIN_TILE * 8} px.")
         latent = samples["samples"]
+        warning = latent_family_warning(decoder.model, latent) if isinstance(latent, torch.Tensor) else None
+        if warning:
+            common.log.warning("ASUKA Masked Decode: %s", warning)
+            common.notify(cls, warning)
         model = common.activate(
             decoder, decode_memory_estimate(decoder.model, latent.shape, decoder.model.compute_dtype))
         tile = tile_size // 8 or None
         overlap = tile_overlap // 8
         try:
-            pixels = cls._decode(model, latent, image, mask, tile, overlap)
+            pixels = model.decode(latent, image, mask, tile_size=tile, tile_overlap=overlap,
+                                  progress=common.progress_bar(1))
         except Exception as e:  # noqa: BLE001 - only memory errors are handled, see below
             if tile is not None or not common.is_out_of_memory(e):
                 raise
-            common.log.warning("masked decode ran out of memory; retrying in tiles")
             mm.soft_empty_cache()
-            pixels = cls._decode_tiled_fallback(model, latent, image, mask, overlap or 8)
+            pixels = cls._decode_tiled_fallback(model, latent, image, mask, max(overlap, OOM_TILE_OVERLAP))
         if composite:
             image, mask = prepare_image_and_mask(image, mask, require_hole=False)
+            image, mask = crop_like_vae_encode(image, mask, model.config.scale)  # as decode() did
             pixels = paste_fill(image.to(pixels.device), pixels, mask.to(pixels.device))
         return io.NodeOutput(pixels.to(common.intermediate_device()))
 
-    @staticmethod
-    def _decode(model, latent, image, mask, tile, overlap):
-        if tile is None:
-            return model.decode(latent, image, mask)
-        return model.decode(latent, image, mask, tile_size=tile, tile_overlap=overlap,
-                            progress=common.progress_bar(1))
-
     @classmethod
     def _decode_tiled_fallback(cls, model, latent, image, mask, overlap):
-        for i, tile in enumerate(OOM_TILE_SIZES):
+        """Retry an untiled decode that ran out of memory in tiles of OOM_TILE_SIZES (only
+        sizes smaller than the latent: a tile as large as the image is the same decode), and
+        tell the user which size was used."""
+        height, width = latent.shape[-2:]
+        sizes = [t for t in OOM_TILE_SIZES if t < max(height, width)]
+        for tile in sizes:
             try:
-                return cls._decode(model, latent, image, mask, tile, min(overlap, tile // 4))
+                pixels = model.decode(latent, image, mask, tile_size=tile, tile_overlap=min(overlap, tile // 4),
+                                      progress=common.progress_bar(1))
             except Exception as e:  # noqa: BLE001
-                if i == len(OOM_TILE_SIZES) - 1 or not common.is_out_of_memory(e):
+                if not common.is_out_of_memory(e):
                     raise
                 mm.soft_empty_cache()
-
+                continue
+            message = (f"Not enough memory to decode {width * 8}x{height * 8} at once: decoded in "
+                       f"{tile * 8} px tiles instead (tiles approximate the whole-image decode, see "
+                       "docs/decoder.md).")
+            common.log.warning("ASUKA Masked Decode: %s", message)
+            common.notify(cls, message)
+            return pixels
+        smallest = f" or in {sizes[-1] * 8} px tiles" if sizes else ""
+        raise AsukaError(
+            f"ASUKA Masked Decode ran out of memory decoding {width * 8}x{height * 8} at once{smallest}. "
+            "Free memory (close other programs, start ComfyUI with --lowvram), or set tile_size to a "
+            f"smaller value yourself (tiles under {OOM_TILE_SIZES[-1] * 8} px change the result more)."
+        )
 
 NODES = [DecoderLoader, MaskedDecode]

@@ -589,3 +589,48 @@ def test_operations_are_used_and_compute_dtype_is_honoured():
     assert torch.isfinite(a.features).all()
     torch.testing.assert_close(a.features, b.features, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(a.reconstruction, b.reconstruction, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# What the prior sees of the hole (web/docs/ASUKA_MAEPrior.md, docs/mae.md)
+
+_REPO = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.dirname(
+    __import__("os").path.abspath(__file__))))
+
+
+def _doc(*parts: str) -> str:
+    with open(__import__("os").path.join(_REPO, *parts), encoding="utf-8") as f:
+        return " ".join(f.read().split())
+
+
+def test_hole_content_reaches_the_prior_only_at_the_hole_edge():
+    """Deep inside the hole, the picture does not matter; at an edge that the 2x
+    INTER_AREA downscale straddles (hole from an odd pixel), it does: a 256-pixel that the
+    nearest-resized mask calls visible averages a visible and a hole pixel."""
+    model = tiny_model(3)
+    image = picture(512, 512, seed=4)
+    mask = box(512, 512, 129, 129, 254, 254)          # hole starts on an odd pixel
+    base = model.encode(image, mask).features
+    inside = image.clone()
+    inside[:, 180:330, 180:330] = 1.0 - inside[:, 180:330, 180:330]
+    assert torch.equal(model.encode(inside, mask).features, base)
+    edge = image.clone()
+    edge[:, 129, 129:383] = 1.0 - edge[:, 129, 129:383]  # first hole row
+    assert not torch.equal(model.encode(edge, mask).features, base)
+    page = _doc("web", "docs", "ASUKA_MAEPrior.md")
+    assert "never changes the prior" not in page and "Near the hole's edge it can" in page
+
+
+def test_docs_name_the_keys_that_identify_an_mae():
+    """docs/mae.md must name what checkpoint.identify really looks for."""
+    from asuka_core.checkpoint import KIND_MAE, identify
+
+    sd = tiny_sd()
+    stripped = {k: v for k, v in sd.items() if "pos_embed" not in k}
+    assert identify(stripped) == KIND_MAE
+    load_mae(stripped)                                  # no position tables: loads (recomputed)
+    for key in ("patch_embed.proj.weight", "decoder_embed.weight"):
+        assert identify({k: v for k, v in sd.items() if k != key}) != KIND_MAE
+    text = _doc("docs", "mae.md")
+    assert "by `patch_embed.proj.weight` and `decoder_embed.weight` both being present" in text
+    assert "`pos_embed` being present" not in text
