@@ -61,11 +61,18 @@ HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "grad": False, "seam": False, "u
 
 # ------------------------------------------------------------------------------ inputs
 
+def _tensor(x: Array) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.array(x))   # a copy: arrays may be read-only
+
+
+def _as64(x: Array) -> torch.Tensor:
+    """float64; uint8 is divided by 255."""
+    t = _tensor(x)
+    return t.to(torch.float64) / 255.0 if t.dtype == torch.uint8 else t.to(torch.float64)
+
+
 def _image(x: Array, name: str) -> torch.Tensor:
-    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
-    if t.dtype == torch.uint8:
-        t = t.to(torch.float64) / 255.0
-    t = t.to(torch.float64)
+    t = _as64(x)
     if t.ndim == 4 and t.shape[0] == 1:
         t = t[0]
     if t.ndim != 3 or t.shape[-1] != 3:
@@ -74,10 +81,7 @@ def _image(x: Array, name: str) -> torch.Tensor:
 
 
 def _mask(m: Array, shape: tuple[int, int]) -> torch.Tensor:
-    t = torch.as_tensor(np.asarray(m) if not isinstance(m, torch.Tensor) else m)
-    if t.dtype == torch.uint8:
-        t = t.to(torch.float64) / 255.0
-    t = t.to(torch.float64)
+    t = _as64(m)
     while t.ndim > 2 and t.shape[0] == 1:
         t = t[0]
     if tuple(t.shape) != tuple(shape):
@@ -87,10 +91,10 @@ def _mask(m: Array, shape: tuple[int, int]) -> torch.Tensor:
 
 def binarise(mask: Array) -> torch.Tensor:
     """``mask >= 0.5`` as a bool ``[H, W]`` tensor (the ASUKA evaluation's threshold)."""
-    t = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask)
-    if t.dtype == torch.uint8:
-        return t >= 128
-    return t.to(torch.float64) >= 0.5
+    t = _tensor(mask)
+    if t.dtype == torch.bool:
+        return t
+    return _as64(t) >= 0.5
 
 
 def paste(result: Array, truth: Array, mask: Array) -> torch.Tensor:
@@ -206,15 +210,10 @@ def rgb_to_lab(rgb: Array) -> torch.Tensor:
     return torch.stack([116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)], -1)
 
 
-def _as64(x: Array) -> torch.Tensor:
-    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
-    return t.to(torch.float64) / 255.0 if t.dtype == torch.uint8 else t.to(torch.float64)
-
-
 def ciede2000(lab1: Array, lab2: Array) -> torch.Tensor:
     """CIEDE2000 colour difference of Lab arrays ``[..., 3]`` (kL = kC = kH = 1)."""
-    l1, a1, b1 = torch.as_tensor(lab1, dtype=torch.float64).unbind(-1)
-    l2, a2, b2 = torch.as_tensor(lab2, dtype=torch.float64).unbind(-1)
+    l1, a1, b1 = _tensor(lab1).to(torch.float64).unbind(-1)
+    l2, a2, b2 = _tensor(lab2).to(torch.float64).unbind(-1)
     c1, c2 = torch.hypot(a1, b1), torch.hypot(a2, b2)
     cbar7 = ((c1 + c2) / 2) ** 7
     g = 0.5 * (1 - torch.sqrt(cbar7 / (cbar7 + 25.0 ** 7)))
@@ -319,20 +318,30 @@ def mean_interval(values) -> tuple[float, float, float]:
 
 # ------------------------------------------------------------------------------ features
 
+def _cov_factor(x: torch.Tensor) -> torch.Tensor:
+    """A matrix ``A`` with ``A.T @ A`` = the sample covariance of ``x`` ``[N, D]``: the centred
+    samples over sqrt(N - 1) when N <= D, else the symmetric square root of the covariance."""
+    n, d = x.shape
+    centred = (x - x.mean(0)) / math.sqrt(n - 1)
+    if n <= d:
+        return centred
+    ev, evec = torch.linalg.eigh(centred.t() @ centred)
+    return (evec * ev.clamp_min(0).sqrt()) @ evec.t()
+
+
 def frechet_distance(real: Array, fake: Array) -> float:
-    """FID between two feature sets ``[N, D]``: ``|mu_r - mu_f|² + tr(S_r + S_f - 2 (S_r S_f)^½)``.
-    The trace of the matrix square root is taken from the eigenvalues of
-    ``S_r^½ S_f S_r^½`` (symmetric, so no complex arithmetic)."""
+    """FID between two feature sets ``[N, D]``: ``|mu_r - mu_f|² + tr(S_r) + tr(S_f) - 2 tr((S_r S_f)^½)``.
+    With ``S = A.T A``, ``tr((S_r S_f)^½)`` is the sum of the singular values of ``A_r A_f.T``
+    (the eigenvalues of ``S_r S_f`` are their squares), which stays exact and real when the
+    covariances are singular (fewer samples than dimensions)."""
     r, f = _as64(real), _as64(fake)
     if r.ndim != 2 or f.ndim != 2 or r.shape[1] != f.shape[1] or min(r.shape[0], f.shape[0]) < 2:
         raise InputError(f"FID needs two feature sets [N >= 2, D] of the same width; got "
                          f"{list(r.shape)} and {list(f.shape)}.")
-    mr, mf = r.mean(0), f.mean(0)
-    sr, sf = torch.cov(r.t()), torch.cov(f.t())
-    ev, evec = torch.linalg.eigh(sr)
-    root = (evec * ev.clamp_min(0).sqrt()) @ evec.t()
-    inner = torch.linalg.eigvalsh(root @ sf @ root).clamp_min(0)
-    return ((mr - mf) ** 2).sum().item() + (torch.trace(sr) + torch.trace(sf) - 2 * inner.sqrt().sum()).item()
+    ar, af = _cov_factor(r), _cov_factor(f)
+    cross = torch.linalg.svdvals(ar @ af.t()).sum()
+    mean_term = ((r.mean(0) - f.mean(0)) ** 2).sum()
+    return (mean_term + (ar * ar).sum() + (af * af).sum() - 2 * cross).item()
 
 
 def discriminative_scores(real: Array, fake: Array, c: float = 1.0, iters: int = 200) -> tuple[float, float]:

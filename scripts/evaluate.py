@@ -276,8 +276,8 @@ def _arrow(metric: str) -> str:
 def write_summary(out_dir: str, summary: list[dict], columns: list[str], dataset: dict, notes: list[str],
                   header: list[str]) -> str:
     head = ["workflow", "images", *[f"{METRIC_LABELS.get(m, m)} {_arrow(m)}" for m in columns]]
-    ds_cols = sorted({k for d in dataset.values() for k in d})
-    head += [f"{c} {'↓' if c != 'P-IDS' and c != 'U-IDS' else '↑'}" for c in ds_cols]
+    ds_cols = [c for c in ("FID", "U-IDS", "P-IDS") if any(c in d for d in dataset.values())]
+    head += [f"{c} {'↓' if c == 'FID' else '↑'}" for c in ds_cols]
     lines = ["# Inpainting evaluation", ""] + [f"- {h}" for h in header] + [""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     html_rows = []
@@ -460,12 +460,17 @@ def run(args: argparse.Namespace) -> int:
                 res_path = os.path.join(out, "results", wf.name, stem + ".png")
                 if (row and row["status"] == "ok" and row["workflow_sha"] == wf.sha
                         and row["mask_source"] == mask_source and os.path.exists(res_path)):
-                    results[(wf.name, stem)] = np.asarray(Image.open(res_path).convert("RGB"))
+                    results[(wf.name, stem)] = res = np.asarray(Image.open(res_path).convert("RGB"))
+                    if learned is not None and learned.has_lpips and not row.get("lpips"):
+                        # asked for now, not when the pair ran: scored from the saved files
+                        img, m = inputs[stem], masks[stem]
+                        row["lpips"] = f"{learned.lpips(metrics.paste(res, img, m).numpy(), img):.6f}"
                 else:
                     todo.append((wf, stem))
         skipped = len(workflows) * len(stems) - len(todo)
         if skipped:
             print(f"resuming: {skipped} pairs already scored in {csv_path}", file=sys.stderr)
+            write_rows(csv_path, rows)
 
         bar = _progress(len(todo), args.no_progress)
         for wf, stem in todo:

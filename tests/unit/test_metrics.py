@@ -240,6 +240,13 @@ def test_frechet_distance_matches_scipy_sqrtm():
     expected = np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(sa + sb - 2 * root)
     assert metrics.frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
     assert metrics.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    # fewer samples than dimensions (singular covariances): the eigenvalues of S_a S_b
+    few_a, few_b = a[:5] * 1e3, b[:7] * 1e3
+    sa, sb = np.cov(few_a, rowvar=False), np.cov(few_b, rowvar=False)
+    ev = np.clip(np.linalg.eigvals(sa @ sb).real, 0, None)
+    expected = np.sum((few_a.mean(0) - few_b.mean(0)) ** 2) + np.trace(sa) + np.trace(sb) - 2 * np.sqrt(ev).sum()
+    assert metrics.frechet_distance(few_a, few_b) == pytest.approx(expected, rel=1e-6)
+    assert abs(metrics.frechet_distance(few_a, few_a)) < 1e-9 * np.trace(sa)
     with pytest.raises(InputError):
         metrics.frechet_distance(a, b[:, :8])
 
