@@ -283,3 +283,15 @@ def test_score_refuses_mismatched_inputs():
     with pytest.raises(InputError, match="Unknown metrics"):
         metrics.score(result, truth, mask, metrics=["fid"])
     assert set(metrics.score(result, truth, mask)) == set(metrics.METRICS)
+
+
+def test_metrics_module_needs_no_oracle_or_comfyui():
+    import subprocess
+    import sys
+
+    code = ("import sys, asuka_core.metrics; print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "{'cv2', 'skimage', 'scipy', 'comfy', 'folder_paths', 'lpips'})))")
+    repo = __file__.rsplit("/tests/", 1)[0]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "", f"asuka_core.metrics imported: {proc.stdout.strip()}"
