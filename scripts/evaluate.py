@@ -392,6 +392,11 @@ def _progress(total: int, disabled: bool):
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    # the metrics are many small tensor operations: one thread is as fast, and does not fight
+    # a server on the same machine for the cores (benchmarks/bench_metrics.py)
+    torch.set_num_threads(1)
     out = os.path.abspath(args.out)
     for sub in ("inputs", "masks", "results"):
         os.makedirs(os.path.join(out, sub), exist_ok=True)
