@@ -22,7 +22,6 @@ safetensors metadata (``asuka.target = sd15``); see docs/aligner.md.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from .checkpoint import (
     save_safetensors,
     unwrap_state_dict,
 )
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, InputError, finite_number
 from .runtime import compute_device_dtype, resolve_ops
 
 TARGET_SD15 = "sd15"
@@ -289,12 +288,7 @@ class Aligner(nn.Module):
         official fallback feature); ``positive = negative + strength * (aligner(features)
         - negative)``: 1.0 is pure ASUKA conditioning, 0.0 the no-context tokens.
         """
-        try:
-            strength = float(strength)
-        except (TypeError, ValueError):
-            raise InputError(f"strength must be a number, got {strength!r}.") from None
-        if not math.isfinite(strength):
-            raise InputError(f"strength must be a finite number, got {strength}.")
+        strength = finite_number("strength", strength)
         x = check_features(features)
         out = self(torch.cat((x, x.new_zeros(1, MAE_TOKENS, MAE_WIDTH)), dim=0))
         tokens, empty = out[:-1], out[-1:]

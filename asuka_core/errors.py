@@ -6,6 +6,8 @@ ComfyUI's error dialog in front of someone who wired a graph by hand.
 
 from __future__ import annotations
 
+import math
+
 
 class AsukaError(ValueError):
     """Base class: a problem with the user's files or inputs, never a bug in the pack."""
@@ -17,3 +19,17 @@ class CheckpointError(AsukaError):
 
 class InputError(AsukaError):
     """Tensors given to a model have the wrong shape, size, batch, range or content."""
+
+
+def finite_number(name: str, value, *, minimum: float | None = None) -> float:
+    """``value`` as a float, or an :class:`InputError` naming ``name`` when it is not a
+    finite number (or is below ``minimum``)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number, got {value!r}.") from None
+    if not math.isfinite(number) or (minimum is not None and number < minimum):
+        bound = f" >= {minimum:g}" if minimum is not None else ""
+        raise InputError(f"{name} must be a finite number{bound}, got {number}.")
+    return number
+

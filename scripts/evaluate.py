@@ -528,7 +528,7 @@ def run(args: argparse.Namespace) -> int:
                 dataset[wf.name] = learned.dataset_scores([inputs[s] for s in done], pasted)
     header = [f"images: {os.path.abspath(args.images)} ({len(stems)}, {args.size or 'native'} px)",
               f"masks: {mask_source}",
-              f"workflows: " + ", ".join(f"{w.name} = {w.path} (output node {w.output})" for w in workflows),
+              "workflows: " + ", ".join(f"{w.name} = {w.path} (output node {w.output})" for w in workflows),
               f"written {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}"]
     summary = summarise(rows, workflows, columns)
     md = write_summary(out, summary, columns, dataset, notes, header)

@@ -79,6 +79,68 @@ def sd15_inpaint_graph() -> dict[str, Node]:
 WORKFLOWS = {"asuka_sd15_inpaint": (sd15_inpaint_graph, NOTE)}
 
 
+FLUX_NOTE = (
+    "ASUKA inpainting on FLUX.1-Fill-dev with the official ASUKA weights (comfyui-asuka)\n\n"
+    "ComfyUI/models/asuka: mae_300.pth, asuka_alignment_clip.pt, asuka_alignment_t5.pt, "
+    "asuka_decoder.ckpt (Hugging Face yikaiwang/ASUKA-FLUX.1-Fill).\n"
+    "ComfyUI/models/diffusion_models: flux1-fill-dev.safetensors (or an fp8 copy; weight_dtype "
+    "fp8_e4m3fn on 12-16 GB GPUs). models/vae: ae.safetensors. models/text_encoders: clip_l + t5xxl "
+    "(only to encode the empty prompt once: the official blend reference).\n\n"
+    "Paint the hole in LoadImage's mask editor. Image sides: multiples of 16; ASUKA was tested at "
+    "512 and 1024. Official settings: weight 0.5 toward the empty prompt, guidance 30, 50 euler "
+    "steps, simple schedule, shift for the image size (ModelSamplingFlux), cfg 1.0, "
+    "noise_mask off. weight 1.0 = pure prior (the paper) and needs no text encoder: then delete "
+    "the two text nodes."
+)
+
+
+def flux_fill_graph() -> dict[str, Node]:
+    """LoadImage -> MAE prior -> FLUX conditioning (both aligners, empty prompt) ->
+    InpaintModelConditioning -> KSampler (FLUX.1-Fill, shift for the image size) -> ASUKA
+    masked decode -> SaveImage."""
+    return {
+        "load": Node("LoadImage", {"image": "example.png"}, pos=(0, 0)),
+        "unet": Node("UNETLoader", {"unet_name": "flux1-fill-dev.safetensors", "weight_dtype": "default"},
+                     pos=(0, 420)),
+        "size": Node("GetImageSize", links={"image": ("load", 0)}, pos=(400, 420)),
+        "shift": Node("ModelSamplingFlux", {"max_shift": 1.15, "base_shift": 0.5},
+                      links={"model": ("unet", 0), "width": ("size", 0), "height": ("size", 1)}, pos=(800, 420),
+                      title="ModelSamplingFlux (shift for the image size)"),
+        "mae_loader": Node("ASUKA_MAELoader", {"mae_name": "mae_300.pth"}, pos=(400, 0)),
+        "prior": Node("ASUKA_MAEPrior", links={"mae": ("mae_loader", 0), "image": ("load", 0),
+                                               "mask": ("load", 1)}, pos=(800, 0)),
+        "clip_aligner": Node("ASUKA_AlignerLoader", {"aligner_name": "asuka_alignment_clip.pt"}, pos=(400, 130)),
+        "t5_aligner": Node("ASUKA_AlignerLoader", {"aligner_name": "asuka_alignment_t5.pt"}, pos=(400, 260)),
+        "text_encoders": Node("DualCLIPLoader", {"clip_name1": "t5xxl_fp16.safetensors",
+                                                 "clip_name2": "clip_l.safetensors", "type": "flux"},
+                              pos=(800, 640)),
+        "empty": Node("CLIPTextEncode", {"text": ""}, links={"clip": ("text_encoders", 0)}, pos=(1200, 640),
+                      title="Empty prompt (blend reference)"),
+        "cond": Node("ASUKA_FluxConditioning", {"weight": 0.5, "guidance": 30.0},
+                     links={"prior": ("prior", 0), "clip_aligner": ("clip_aligner", 0),
+                            "t5_aligner": ("t5_aligner", 0), "empty": ("empty", 0)}, pos=(1200, 0)),
+        "vae": Node("VAELoader", {"vae_name": "ae.safetensors"}, pos=(800, 250)),
+        "inpaint": Node("InpaintModelConditioning", {"noise_mask": False},
+                        links={"positive": ("cond", 0), "negative": ("cond", 0), "vae": ("vae", 0),
+                               "pixels": ("load", 0), "mask": ("load", 1)}, pos=(1200, 220)),
+        "sampler": Node("KSampler", {"seed": 42, "steps": 50, "cfg": 1.0, "sampler_name": "euler",
+                                     "scheduler": "simple", "denoise": 1.0},
+                        links={"model": ("shift", 0), "positive": ("inpaint", 0), "negative": ("inpaint", 1),
+                               "latent_image": ("inpaint", 2)}, pos=(1600, 0)),
+        "decoder_loader": Node("ASUKA_DecoderLoader", {"decoder_name": "asuka_decoder.ckpt"}, pos=(2000, 250)),
+        "decode": Node("ASUKA_MaskedDecode", {"composite": True, "tile_size": 0, "tile_overlap": 64},
+                       links={"decoder": ("decoder_loader", 0), "samples": ("sampler", 0), "image": ("load", 0),
+                              "mask": ("load", 1)}, pos=(2000, 0)),
+        "save": Node("SaveImage", {"filename_prefix": "asuka_flux"}, links={"images": ("decode", 0)},
+                     pos=(2400, 0)),
+        "preview": Node("PreviewImage", links={"images": ("prior", 1)}, pos=(1600, 420),
+                        title="MAE reconstruction (what the prior sees)"),
+    }
+
+
+WORKFLOWS["asuka_flux_fill"] = (flux_fill_graph, FLUX_NOTE)
+
+
 # --------------------------------------------------------------------------------------
 
 

@@ -26,6 +26,7 @@ PACK_NODES = (
     "ASUKA_AlignerLoader", "ASUKA_AlignerConditioning",
     "ASUKA_DecoderLoader", "ASUKA_MaskedDecode",
 )
+PACK_NODES += ("ASUKA_FluxConditioning",)
 
 
 class ComfyClient(ComfyAPI):

@@ -192,7 +192,8 @@ def sd15_checkpoint(host_cache, comfy_dir) -> str:
 def host_server(comfy_dir, host_cache, sd15_checkpoint, tmp_path_factory) -> HostServer:
     base = str(tmp_path_factory.mktemp("comfy-host"))
     dirs = {k: os.path.join(base, k) for k in ("input", "output", "temp", "user", "custom_nodes",
-                                                 "models_asuka", "records")}
+                                                 "models_asuka", "records",
+                                                 "models_diffusion", "models_vae")}
     for d in dirs.values():
         os.makedirs(d, exist_ok=True)
     os.symlink(os.path.join(HERE, "probe_nodes"), os.path.join(dirs["custom_nodes"], "asuka_test_probe"))
@@ -205,6 +206,9 @@ def host_server(comfy_dir, host_cache, sd15_checkpoint, tmp_path_factory) -> Hos
             "asuka": dirs["models_asuka"],
             "checkpoints": os.path.dirname(sd15_checkpoint),
             "custom_nodes": dirs["custom_nodes"],  # ComfyUI reads custom node folders from here too
+            # FLUX graphs: tests link their (cached) random models in here when they need them
+            "diffusion_models": dirs["models_diffusion"],
+            "vae": dirs["models_vae"],
         }}, f)
 
     port = _free_port()
