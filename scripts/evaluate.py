@@ -66,7 +66,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 METRIC_LABELS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "grad": "Grad", "seam": "Seam ΔE",
                  "unmasked_de2000": "Unmasked ΔE2000", "lpips": "LPIPS"}
 CSV_FIELDS = ["workflow", "image", "status", *metrics.METRICS, "lpips", "seconds", "resized",
-              "workflow_sha", "mask_source", "error"]
+              "workflow_sha", "pair_sha", "mask_source", "error"]
 
 
 class EvalError(Exception):
@@ -243,16 +243,47 @@ def write_rows(path: str, rows: dict[tuple[str, str], dict]) -> None:
     os.replace(tmp, path)
 
 
+class Saved:
+    """Images of the report folder read back on demand (a large set is never held in memory):
+    ``saved[key]`` -> RGB uint8 (or a bool mask), ``key`` an image stem or (workflow, stem)."""
+
+    def __init__(self, folder: str, mask: bool = False):
+        self.folder, self.mask = folder, mask
+        self.keys: set = set()
+
+    def path(self, key) -> str:
+        parts = key if isinstance(key, tuple) else (key,)
+        return os.path.join(self.folder, *parts[:-1], parts[-1] + ".png")
+
+    def put(self, key, arr: np.ndarray) -> None:
+        os.makedirs(os.path.dirname(self.path(key)), exist_ok=True)
+        Image.fromarray(arr.astype(np.uint8) * 255 if self.mask else arr).save(self.path(key))
+        self.keys.add(key)
+
+    def __contains__(self, key) -> bool:
+        return key in self.keys
+
+    def __getitem__(self, key) -> np.ndarray:
+        with Image.open(self.path(key)) as im:
+            return np.asarray(im.convert("L")) > 127 if self.mask else np.asarray(im.convert("RGB"))
+
+    def get(self, key):
+        return self[key] if key in self.keys else None
+
+
 def _fmt(v: float, metric: str) -> str:
     if v is None or not math.isfinite(v):
         return "n/a"
     return f"{v:.2f}" if metric in ("psnr", "grad", "seam", "unmasked_de2000") else f"{v:.4f}"
 
 
-def summarise(rows: dict, workflows: list[Workflow], columns: list[str]) -> list[dict]:
+def summarise(rows: dict, workflows: list[Workflow], stems: list[str], columns: list[str]) -> list[dict]:
+    """Per workflow: photos scored, failures, and (mean, low, high) per metric, over the
+    photos of this run (rows of other photos an earlier run left in the CSV are ignored)."""
     out = []
+    current = set(stems)
     for wf in workflows:
-        mine = [r for (w, _), r in rows.items() if w == wf.name]
+        mine = [r for (w, stem), r in rows.items() if w == wf.name and stem in current]
         ok = [r for r in mine if r["status"] == "ok"]
         entry = {"workflow": wf.name, "n": len(ok), "failed": len(mine) - len(ok), "metrics": {}}
         for m in columns:
@@ -308,7 +339,7 @@ def write_summary(out_dir: str, summary: list[dict], columns: list[str], dataset
     return md
 
 
-def contact_sheet(path: str, stems: list[str], inputs: dict, masks: dict, results: dict,
+def contact_sheet(path: str, stems: list[str], inputs: Saved, masks: Saved, results: Saved,
                   workflows: list[Workflow], thumb: int = 160, max_rows: int = 12) -> None:
     """Rows of original | mask over the original | each workflow's result."""
     cols = ["original", "mask", *[wf.name for wf in workflows]]
@@ -416,7 +447,9 @@ def run(args: argparse.Namespace) -> int:
                      "downloaded; pass --lpips-weights + --alexnet-weights and/or --inception-weights.")
 
     # inputs as scored (saved, so a person can look and a re-run reuses them)
-    stems, inputs, masks = [], {}, {}
+    stems, pairs = [], {}
+    inputs, masks = Saved(os.path.join(out, "inputs")), Saved(os.path.join(out, "masks"), mask=True)
+    results = Saved(os.path.join(out, "results"))
     gen = None
     for i, path in enumerate(paths):
         stem = os.path.splitext(os.path.basename(path))[0]
@@ -433,9 +466,10 @@ def run(args: argparse.Namespace) -> int:
             m = gen.numpy(i)
             source = f"generator seed {args.seed} #{i}"
         stems.append(stem)
-        inputs[stem], masks[stem] = img, m
-        Image.fromarray(img).save(os.path.join(out, "inputs", stem + ".png"))
-        Image.fromarray(m.astype(np.uint8) * 255).save(os.path.join(out, "masks", stem + ".png"))
+        inputs.put(stem, img)
+        masks.put(stem, m)
+        # identifies what LoadImage gets (the photo, the mask as alpha) for resuming
+        pairs[stem] = hashlib.sha256(png_bytes(img, m.astype(np.float32))).hexdigest()[:12]
     mask_source = "folder " + os.path.abspath(args.masks) if args.masks else f"generator seed {args.seed}"
 
     server = None
@@ -454,7 +488,6 @@ def run(args: argparse.Namespace) -> int:
 
         csv_path = os.path.join(out, "per_image.csv")
         rows = read_rows(csv_path)
-        results: dict[tuple[str, str], np.ndarray] = {}
         todo = []
         for wf in workflows:
             os.makedirs(os.path.join(out, "results", wf.name), exist_ok=True)
@@ -462,13 +495,14 @@ def run(args: argparse.Namespace) -> int:
         for stem in stems:
             for wf in workflows:
                 row = rows.get((wf.name, stem))
-                res_path = os.path.join(out, "results", wf.name, stem + ".png")
+                res_path = results.path((wf.name, stem))
                 if (row and row["status"] == "ok" and row["workflow_sha"] == wf.sha
-                        and row["mask_source"] == mask_source and os.path.exists(res_path)):
-                    results[(wf.name, stem)] = res = np.asarray(Image.open(res_path).convert("RGB"))
+                        and row.get("pair_sha") == pairs[stem] and row["mask_source"] == mask_source
+                        and os.path.exists(res_path)):
+                    results.keys.add((wf.name, stem))
                     if learned is not None and learned.has_lpips and not row.get("lpips"):
                         # asked for now, not when the pair ran: scored from the saved files
-                        img, m = inputs[stem], masks[stem]
+                        img, m, res = inputs[stem], masks[stem], results[(wf.name, stem)]
                         row["lpips"] = f"{learned.lpips(metrics.paste(res, img, m).numpy(), img):.6f}"
                 else:
                     todo.append((wf, stem))
@@ -480,12 +514,12 @@ def run(args: argparse.Namespace) -> int:
         bar = _progress(len(todo), args.no_progress)
         for wf, stem in todo:
             img, m = inputs[stem], masks[stem]
-            data = png_bytes(img, m.astype(np.float32))
-            upload = api.upload_bytes(data, f"{stem}-{hashlib.sha256(data).hexdigest()[:10]}.png",
-                                      subfolder="asuka-eval")
+            data, pair_sha = png_bytes(img, m.astype(np.float32)), pairs[stem]
+            upload = api.upload_bytes(data, f"{stem}-{pair_sha}.png", subfolder="asuka-eval")
             token = hashlib.sha256(f"{time.time()}{wf.name}{stem}".encode()).hexdigest()[:8]
             prompt = wf.for_pair(upload, f"asuka-eval/{wf.name}/{stem}-{token}")
-            row = {"workflow": wf.name, "image": stem, "workflow_sha": wf.sha, "mask_source": mask_source}
+            row = {"workflow": wf.name, "image": stem, "workflow_sha": wf.sha, "pair_sha": pair_sha,
+                   "mask_source": mask_source}
             t0 = time.time()
             res = api.run(prompt, timeout=args.timeout)
             row["seconds"] = f"{time.time() - t0:.2f}"
@@ -502,8 +536,7 @@ def run(args: argparse.Namespace) -> int:
                     row["resized"] = f"{out_img.shape[1]}x{out_img.shape[0]}"
                     out_img = np.asarray(Image.fromarray(out_img).resize((img.shape[1], img.shape[0]),
                                                                          Image.LANCZOS))
-                Image.fromarray(out_img).save(os.path.join(out, "results", wf.name, stem + ".png"))
-                results[(wf.name, stem)] = out_img
+                results.put((wf.name, stem), out_img)
                 scores = metrics.score(out_img, img, m)
                 if learned is not None and learned.has_lpips:
                     scores["lpips"] = learned.lpips(metrics.paste(out_img, img, m).numpy(), img)
@@ -530,7 +563,7 @@ def run(args: argparse.Namespace) -> int:
               f"masks: {mask_source}",
               "workflows: " + ", ".join(f"{w.name} = {w.path} (output node {w.output})" for w in workflows),
               f"written {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}"]
-    summary = summarise(rows, workflows, columns)
+    summary = summarise(rows, workflows, stems, columns)
     md = write_summary(out, summary, columns, dataset, notes, header)
     contact_sheet(os.path.join(out, "contact_sheet.png"), stems, inputs, masks, results, workflows,
                   max_rows=args.sheet_rows)

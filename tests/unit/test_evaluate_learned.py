@@ -53,8 +53,8 @@ def test_lpips_matches_the_lpips_package(lpips_files):
     a, b = _photos()
     noisy = np.clip(a.astype(int) + np.random.default_rng(0).integers(-30, 31, a.shape), 0, 255).astype(np.uint8)
     for x, y in [(a, b), (a, noisy)]:
-        tx = torch.from_numpy(x).permute(2, 0, 1)[None].float() / 127.5 - 1
-        ty = torch.from_numpy(y).permute(2, 0, 1)[None].float() / 127.5 - 1
+        tx = torch.tensor(x).permute(2, 0, 1)[None].float() / 127.5 - 1
+        ty = torch.tensor(y).permute(2, 0, 1)[None].float() / 127.5 - 1
         expected = ref(tx, ty).item()
         assert expected > 0
         assert ours.lpips(x, y) == pytest.approx(expected, rel=1e-5)
