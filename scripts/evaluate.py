@@ -459,12 +459,10 @@ def run(args: argparse.Namespace) -> int:
             raise EvalError(f"{path}: {e}") from None
         if args.masks:
             m = load_mask(args.masks, stem, args.size, img.shape[:2])
-            source = "folder"
         else:
             if gen is None or (gen.height, gen.width) != img.shape[:2]:
                 gen = MaskGenerator(img.shape[:2], seed=args.seed, shares=EVALUATION_SHARES, hole_ratio=(0.2, 0.8))
             m = gen.numpy(i)
-            source = f"generator seed {args.seed} #{i}"
         stems.append(stem)
         inputs.put(stem, img)
         masks.put(stem, m)
