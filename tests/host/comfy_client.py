@@ -1,23 +1,21 @@
 """A small HTTP client for a real ComfyUI server, for the host tests.
 
-Covers what the tests need and nothing else: upload an image (+ mask as its alpha
-channel), queue an API-format prompt, wait for its history entry, read the saved images
-back as numpy arrays, interrupt, and read the server's memory use and log.
+The HTTP part (queue a prompt, wait for its history entry, upload, interrupt) is
+``scripts/comfy_api.py``, shared with the scripts; this adds what the tests need: upload
+an image (+ mask as its alpha channel), read the saved images back as numpy arrays, and
+read the server's memory use and log.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
-import requests
 from PIL import Image
+
+from scripts.comfy_api import ComfyAPI, PromptTimeout, Result, png_bytes  # noqa: F401  (re-exported for the tests)
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,99 +29,21 @@ PACK_NODES = (
 PACK_NODES += ("ASUKA_FluxConditioning",)
 
 
-class PromptTimeout(AssertionError):
-    pass
+class ComfyClient(ComfyAPI):
+    """The shared HTTP client plus what only the tests need: local input/output folders,
+    uploads with the mask in the alpha channel, saved images as arrays, the server
+    process's memory and log."""
 
-
-@dataclass
-class Result:
-    """What happened to one prompt.
-
-    status: "success", "error" (the server ran it and a node raised, or it was
-    interrupted) or "invalid" (POST /prompt refused it with 400 before running).
-    """
-
-    status: str
-    prompt_id: str | None = None
-    outputs: dict[str, Any] = field(default_factory=dict)
-    messages: list = field(default_factory=list)
-    error: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "success"
-
-    @property
-    def interrupted(self) -> bool:
-        return any(m[0] == "execution_interrupted" for m in self.messages)
-
-    @property
-    def message(self) -> str:
-        """The text a user would read: the exception message of an execution error, or
-        every validation message of a refused prompt."""
-        if self.status == "invalid":
-            parts = [self.error.get("error", {}).get("message", ""),
-                     self.error.get("error", {}).get("details", "")]
-            for node_id, node_err in (self.error.get("node_errors") or {}).items():
-                for e in node_err.get("errors", []):
-                    parts.append(f"[{node_id} {node_err.get('class_type')}] {e.get('message')}: "
-                                 f"{e.get('details')}")
-            return "\n".join(p for p in parts if p)
-        for kind, data in self.messages:
-            if kind == "execution_error":
-                return str(data.get("exception_message", ""))
-        return ""
-
-    @property
-    def error_node(self) -> tuple[str | None, str | None]:
-        for kind, data in self.messages:
-            if kind == "execution_error":
-                return data.get("node_id"), data.get("node_type")
-        return None, None
-
-    @property
-    def cached_nodes(self) -> set[str]:
-        """Node ids the executor took from its cache instead of running."""
-        out: set[str] = set()
-        for kind, data in self.messages:
-            if kind == "execution_cached":
-                out.update(data.get("nodes", []))
-        return out
-
-    def describe(self) -> str:
-        return f"status={self.status} message={self.message[:2000]!r} error={json.dumps(self.error)[:2000]}"
-
-
-class ComfyClient:
     def __init__(self, base_url: str, *, input_dir: str, output_dir: str, log_path: str,
                  pid: int | None = None):
-        self.base_url = base_url.rstrip("/")
+        super().__init__(base_url, client_name="asuka-host-tests")
         self.input_dir = input_dir
         self.output_dir = output_dir
         self.log_path = log_path
         self.pid = pid
-        self.client_id = f"asuka-host-tests-{uuid.uuid4().hex[:8]}"
-        self.session = requests.Session()
 
-    # ------------------------------------------------------------------ plain HTTP
-    def get(self, path: str, **kw) -> requests.Response:
-        return self.session.get(self.base_url + path, timeout=kw.pop("timeout", 60), **kw)
-
-    def get_json(self, path: str):
-        r = self.get(path)
-        r.raise_for_status()
-        return r.json()
-
-    def object_info(self, node: str | None = None) -> dict:
-        info = self.get_json("/object_info" + (f"/{node}" if node else ""))
-        return info[node] if node else info
-
-    def alive(self) -> bool:
-        try:
-            return self.get("/system_stats", timeout=5).status_code == 200
-        except requests.RequestException:
-            return False
+    def timeout_detail(self) -> str:
+        return f"server log tail:\n{self.log_tail()}"
 
     # ------------------------------------------------------------------ inputs
     def upload_image(self, image: np.ndarray, mask: np.ndarray | None = None, *, name: str | None = None,
@@ -133,72 +53,8 @@ class ComfyClient:
         ``mask`` (HxW, 1 / True = area to inpaint) goes into the alpha channel: ComfyUI's
         LoadImage reads ``mask = 1 - alpha``. ``mode`` forces a PIL mode for the file
         ("L", "RGBA", ...). Returns the name to give LoadImage."""
-        arr = _to_uint8(image)
-        if mask is not None:
-            m = np.asarray(mask, dtype=np.float32)
-            alpha = np.clip(np.rint((1.0 - m) * 255.0), 0, 255).astype(np.uint8)
-            rgb = arr if arr.ndim == 3 else np.repeat(arr[..., None], 3, axis=2)
-            pil = Image.fromarray(np.dstack([rgb[..., :3], alpha]), "RGBA")
-        else:
-            pil = Image.fromarray(arr)
-        if mode is not None:
-            pil = pil.convert(mode)
-        buf = io.BytesIO()
-        pil.save(buf, format="PNG")
-        return self.upload_bytes(buf.getvalue(), name or f"asuka-test-{uuid.uuid4().hex[:10]}.png")
-
-    def upload_bytes(self, data: bytes, name: str) -> str:
-        r = self.session.post(self.base_url + "/upload/image",
-                              files={"image": (name, data, "image/png")},
-                              data={"overwrite": "true", "type": "input"}, timeout=60)
-        r.raise_for_status()
-        info = r.json()
-        return f"{info['subfolder']}/{info['name']}" if info.get("subfolder") else info["name"]
-
-    # ------------------------------------------------------------------ prompts
-    def queue(self, prompt: dict) -> tuple[str | None, dict]:
-        """POST /prompt. Returns (prompt_id, response json); prompt_id is None when the
-        server refused the prompt (validation error, HTTP 400)."""
-        # json.dumps, not requests' json=: that refuses NaN, which a test may send on purpose
-        # (ComfyUI's own JSON parser accepts it).
-        payload = json.dumps({"prompt": prompt, "client_id": self.client_id}, allow_nan=True)
-        r = self.session.post(self.base_url + "/prompt", data=payload.encode(),
-                              headers={"Content-Type": "application/json"}, timeout=60)
-        if r.status_code == 400:
-            return None, r.json()
-        assert r.status_code == 200, f"POST /prompt: HTTP {r.status_code}: {r.text[:2000]}"
-        body = r.json()
-        return body["prompt_id"], body
-
-    def wait(self, prompt_id: str, timeout: float = 300, poll: float = 0.1) -> Result:
-        t0 = time.time()
-        while True:
-            h = self.get_json(f"/history/{prompt_id}")
-            entry = h.get(prompt_id)
-            if entry is not None and entry.get("status", {}).get("completed") is not None:
-                st = entry["status"]
-                return Result(status="success" if st.get("status_str") == "success" else "error",
-                              prompt_id=prompt_id, outputs=entry.get("outputs", {}),
-                              messages=st.get("messages", []), seconds=time.time() - t0)
-            if time.time() - t0 > timeout:
-                raise PromptTimeout(f"prompt {prompt_id} not finished after {timeout:.0f}s\n"
-                                    f"server log tail:\n{self.log_tail()}")
-            time.sleep(poll)
-
-    def run(self, prompt: dict, timeout: float = 300) -> Result:
-        t0 = time.time()
-        prompt_id, body = self.queue(prompt)
-        if prompt_id is None:
-            return Result(status="invalid", error=body, seconds=time.time() - t0)
-        res = self.wait(prompt_id, timeout)
-        res.seconds = time.time() - t0
-        return res
-
-    def interrupt(self) -> None:
-        self.session.post(self.base_url + "/interrupt", timeout=30).raise_for_status()
-
-    def queue_size(self) -> dict:
-        return self.get_json("/queue")
+        data = png_bytes(_to_uint8(image), mask, mode)
+        return self.upload_bytes(data, name or f"asuka-test-{uuid.uuid4().hex[:10]}.png")
 
     # ------------------------------------------------------------------ outputs
     def output_files(self, result: Result, node_id: str) -> list[str]:
