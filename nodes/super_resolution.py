@@ -7,13 +7,129 @@ Thin glue: the maths is in ``asuka_core.super_resolution`` and ``asuka_core.pois
 
 from __future__ import annotations
 
+import torch
+
+import comfy.model_base
+import comfy.model_management as mm
+import comfy.samplers
 from comfy_api.latest import io
 
+from ..asuka_core import super_resolution as sr
+from ..asuka_core.errors import InputError
+from ..asuka_core.imaging import to_image_batch, to_mask_batch
 from ..asuka_core.poisson import blend_images
+from ..asuka_core.tiling import MIN_TILE
 from . import common
 from .types import CATEGORY
 
 SR_CATEGORY = CATEGORY + "/hd-painter"
+MIN_TILE_PX = MIN_TILE * sr.SCALE
+
+
+def _tiled_model_function(tile: int, overlap: int, previous):
+    """A ``model_function_wrapper`` that runs the UNet on overlapping latent tiles, cropping
+    every conditioning tensor laid out like the latent (the x4 upscaler's ``c_concat``)."""
+    def wrapper(apply_model, args):
+        x, timestep, c = args["input"], args["timestep"], args["c"]
+        if c.get("control") is not None:
+            raise InputError("tiled upscaling cannot be combined with a ControlNet: set tile_size to 0.")
+        spatial = {k: v for k, v in c.items()
+                   if isinstance(v, torch.Tensor) and v.ndim == x.ndim and v.shape[-2:] == x.shape[-2:]}
+        rest = {k: v for k, v in c.items() if k not in spatial}
+
+        def run(x_tile, crops):
+            tile_c = {**rest, **crops}
+            if previous is not None:
+                return previous(apply_model, {**args, "input": x_tile, "c": tile_c})
+            return apply_model(x_tile, timestep, **tile_c)
+
+        return sr.run_tiled(run, x, spatial, tile=tile, overlap=overlap,
+                            on_tile=mm.throw_exception_if_processing_interrupted)
+    return wrapper
+
+
+def _sample_sr(model, x, sigmas, extra_args=None, callback=None, disable=None, *, known_latent, mask,
+               tile=None, overlap=0):
+    """KSAMPLER function: checks the model, scales the known latent into the model's space,
+    installs the tile wrapper, then runs asuka_core's known-latent blending loop."""
+    base = model.inner_model.inner_model
+    if not isinstance(base, comfy.model_base.SD_X4Upscaler):
+        raise InputError(
+            f"the HD-Painter SR sampler needs the Stable Diffusion x4 upscaler (x4-upscaler-ema.safetensors "
+            f"loaded with Load Checkpoint), but the model given to the sampler is a {type(base).__name__} "
+            f"({type(base.model_config).__name__}). Connect the x4 upscaler's MODEL.")
+    known = base.process_latent_in(known_latent.to(x.device, x.dtype))
+    extra_args = dict(extra_args or {})
+    if tile is not None:
+        options = dict(extra_args.get("model_options") or {})
+        options["model_function_wrapper"] = _tiled_model_function(tile, overlap, options.get("model_function_wrapper"))
+        extra_args["model_options"] = options
+    return sr.sample_known_latent_blend(model, x, sigmas, extra_args, callback, disable, known=known, mask=mask)
+
+
+class HDPainterSRSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ASUKA_HDPainterSRSampler",
+            display_name="HD-Painter SR Sampler (x4, known-latent blend)",
+            category=SR_CATEGORY,
+            description=(
+                "A sampler for SamplerCustom that runs the Stable Diffusion x4 upscaler the HD-Painter way: at "
+                "every step the prediction outside the (grown, blurred) mask is replaced by the latent of the "
+                "high-resolution original, so untouched areas keep their real detail and only the filled "
+                "area is generated at 4x. Use with SD 4X Upscale Conditioning (noise_augmentation 0.0571), "
+                "cfg 7.5 and BasicScheduler 'simple', 20 steps (HD-Painter's settings)."
+            ),
+            inputs=[
+                io.Vae.Input("vae", tooltip="The x4 upscaler's VAE (from Load Checkpoint with x4-upscaler-ema)."),
+                io.Image.Input("image", tooltip=(
+                    "The original picture at the output size: exactly 4x the inpainted picture that goes into "
+                    "SD 4X Upscale Conditioning (e.g. 2048 for a 512 inpainting).")),
+                io.Mask.Input("mask", tooltip="1 = the inpainted area, at the size of image."),
+                io.Int.Input("mask_grow", default=sr.DILATION, min=0, max=256, tooltip=(
+                    "Pixels the mask is grown by (diamond) before it is shrunk to latent size (HD-Painter: 19).")),
+                io.Int.Input("mask_blur", default=sr.BLUR_KERNEL, min=1, max=99, step=2, tooltip=(
+                    "Taps of the Gaussian blur of the latent-size mask, odd (HD-Painter: 19); 1 = no blur.")),
+                io.Int.Input("tile_size", default=0, min=0, max=8192, step=32, tooltip=(
+                    "0 = upscale in one piece. Otherwise the tile side in output pixels (e.g. 1024) for the "
+                    f"UNet and for encoding the original, to bound memory at 2K and above (at least {MIN_TILE_PX}; "
+                    "tiles approximate the one-piece result, see docs/super-resolution.md).")),
+                io.Int.Input("tile_overlap", default=128, min=0, max=2048, step=32, tooltip=(
+                    "Overlap between tiles in output pixels; tiles cross-fade over it.")),
+            ],
+            outputs=[io.Sampler.Output(display_name="sampler", tooltip="Connect to SamplerCustom's sampler input.")],
+        )
+
+    @classmethod
+    def execute(cls, vae, image, mask, mask_grow: int, mask_blur: int, tile_size: int,
+                tile_overlap: int) -> io.NodeOutput:
+        image, mask = to_image_batch(image), to_mask_batch(mask)
+        if getattr(vae, "downscale_ratio", None) != sr.SCALE or getattr(vae, "latent_channels", None) != 4:
+            raise InputError(
+                f"this VAE is not the x4 upscaler's (it scales by {getattr(vae, 'downscale_ratio', '?')}, "
+                f"{getattr(vae, 'latent_channels', '?')} latent channels; the x4 upscaler's scales by 4 with 4 "
+                "channels): connect the VAE output of Load Checkpoint with x4-upscaler-ema.safetensors.")
+        if mask.shape[1:] != image.shape[1:3]:
+            raise InputError(
+                f"the mask is {mask.shape[2]}x{mask.shape[1]} but the image is {image.shape[2]}x{image.shape[1]}: "
+                "give the original picture's mask at the same size as the picture.")
+        if image.shape[1] % sr.SCALE or image.shape[2] % sr.SCALE:
+            raise InputError(f"the image is {image.shape[2]}x{image.shape[1]}: both sides must be multiples of 4 "
+                             "(it must be exactly 4x the inpainted picture).")
+        if 0 < tile_size < MIN_TILE_PX:
+            raise InputError(f"tile_size {tile_size} px is too small: use 0 (no tiling) or at least {MIN_TILE_PX} px.")
+        if mask_blur % 2 == 0:
+            raise InputError(f"mask_blur {mask_blur} must be odd (e.g. 19).")
+        if tile_size:
+            known = vae.encode_tiled(image, tile_x=tile_size, tile_y=tile_size, overlap=min(tile_overlap, tile_size // 4))
+        else:
+            known = vae.encode(image)
+        known = known.to(common.intermediate_device())
+        m = sr.blend_mask(mask, tuple(known.shape[-2:]), dilation=mask_grow, blur=mask_blur)
+        options = {"known_latent": known, "mask": m,
+                   "tile": tile_size // sr.SCALE or None, "overlap": tile_overlap // sr.SCALE}
+        return io.NodeOutput(comfy.samplers.KSAMPLER(_sample_sr, extra_options=options))
 
 
 class PoissonBlend(io.ComfyNode):
@@ -51,4 +167,4 @@ class PoissonBlend(io.ComfyNode):
         return io.NodeOutput(out.to(common.intermediate_device()))
 
 
-NODES = [PoissonBlend]
+NODES = [HDPainterSRSampler, PoissonBlend]
