@@ -18,7 +18,7 @@ from ..asuka_core import super_resolution as sr
 from ..asuka_core.errors import InputError
 from ..asuka_core.imaging import to_image_batch, to_mask_batch
 from ..asuka_core.poisson import blend_images
-from ..asuka_core.tiling import MIN_TILE
+from ..asuka_core.tiling import MIN_TILE, tile_grid
 from . import common
 from .types import CATEGORY
 
@@ -61,6 +61,9 @@ def _sample_sr(model, x, sigmas, extra_args=None, callback=None, disable=None, *
     known = base.process_latent_in(known_latent.to(x.device, x.dtype))
     extra_args = dict(extra_args or {})
     if tile is not None:
+        grid = tile_grid(x.shape[-2], x.shape[-1], tile, overlap)
+        common.log.info("HD-Painter SR: %d tile(s) of up to %dx%d latent cells over a %dx%d latent",
+                        len(grid.tiles), tile, tile, x.shape[-1], x.shape[-2])
         options = dict(extra_args.get("model_options") or {})
         options["model_function_wrapper"] = _tiled_model_function(tile, overlap, options.get("model_function_wrapper"))
         extra_args["model_options"] = options

@@ -98,26 +98,36 @@ def keep_cells(latent: int, box) -> np.ndarray:
     return far_from_mask(latent, box, 19 // 4 + 1, extra=9 + 1)
 
 
-def test_sr_keeps_the_known_latent_and_the_original(comfy, x4_upscaler_checkpoint, uploads):
-    g = sr_graph(x4=x4_upscaler_checkpoint, hr_image=uploads["hr"], lr_image=uploads["lr"])
+def run_and_compare_known(comfy, g, latent: int, box):
+    """Run an sr_graph; the sampled latent equals the separately encoded original wherever
+    the blend mask is 0."""
     result = comfy.run(g.prompt(), timeout=600)
     assert result.ok, result.describe()
     sampled, known = _latent(comfy, result, "save_latent"), _latent(comfy, result, "save_known")
-    assert sampled.shape == known.shape == (1, 4, HR // 4, HR // 4)
-    # Where the blend mask is 0 the result is the known latent: the x4 VAE's encoding of the
-    # original (VAEEncode of the same picture, run as a separate node).
-    keep = keep_cells(HR // 4, MASK_BOX)
+    assert sampled.shape == known.shape == (1, 4, latent, latent)
+    keep = keep_cells(latent, box)
     assert keep.sum() > 200
     assert np.allclose(sampled[0][:, keep].numpy(), known[0][:, keep].numpy(), atol=1e-4)
-    inside = ~far_from_mask(HR // 4, MASK_BOX, 0)
-    assert np.abs(sampled[0][:, inside].numpy() - known[0][:, inside].numpy()).mean() > 1e-2  # generated there
-    # The Poisson blend leaves the original untouched outside the grown mask's box (48-px square
-    # growth: +24 px on each side, +1 for OpenCV's fixed ring).
-    out = comfy.image(result, "save")
+    return result, sampled, known
+
+
+def assert_original_outside_blend(out: np.ndarray, original: np.ndarray) -> None:
+    """Poisson blend leaves the original untouched outside the grown mask's box (48-px square
+    growth: +24 px on each side, +1 for OpenCV's fixed ring); inside, it changed the picture."""
     assert out.shape == (HR, HR, 3)
     far = far_from_mask(HR, MASK_BOX, 24 + 1)
-    assert np.abs(out[far].astype(int) - uploads["original"][far].astype(int)).max() <= 1
-    assert np.abs(out[~far].astype(int) - uploads["original"][~far].astype(int)).mean() > 1
+    assert np.abs(out[far].astype(int) - original[far].astype(int)).max() <= 1
+    assert np.abs(out[~far].astype(int) - original[~far].astype(int)).mean() > 1
+
+
+def test_sr_keeps_the_known_latent_and_the_original(comfy, x4_upscaler_checkpoint, uploads):
+    g = sr_graph(x4=x4_upscaler_checkpoint, hr_image=uploads["hr"], lr_image=uploads["lr"])
+    # Where the blend mask is 0 the result is the known latent: the x4 VAE's encoding of the
+    # original (VAEEncode of the same picture, run as a separate node).
+    result, sampled, known = run_and_compare_known(comfy, g, HR // 4, MASK_BOX)
+    inside = ~far_from_mask(HR // 4, MASK_BOX, 0)
+    assert np.abs(sampled[0][:, inside].numpy() - known[0][:, inside].numpy()).mean() > 1e-2  # generated there
+    assert_original_outside_blend(comfy.image(result, "save"), uploads["original"])
 
 
 def test_tiled_sr_runs_in_tiles_and_keeps_the_known_latent(comfy, x4_upscaler_checkpoint, uploads):
@@ -125,14 +135,9 @@ def test_tiled_sr_runs_in_tiles_and_keeps_the_known_latent(comfy, x4_upscaler_ch
     keep region equals ComfyUI's own tiled encoding with the same tile settings."""
     g = sr_graph(x4=x4_upscaler_checkpoint, hr_image=uploads["hr_small"], lr_image=uploads["lr_small"],
                  tile_size=96, blend=False, prefix="sr-tiled")
-    result = comfy.run(g.prompt(), timeout=600)
-    assert result.ok, result.describe()
-    sampled, known = _latent(comfy, result, "save_latent"), _latent(comfy, result, "save_known")
-    assert sampled.shape == known.shape == (1, 4, HR // 8, HR // 8)
-    keep = keep_cells(HR // 8, SMALL_BOX)
-    assert keep.sum() > 200
-    assert np.allclose(sampled[0][:, keep].numpy(), known[0][:, keep].numpy(), atol=1e-4)
+    _, sampled, _ = run_and_compare_known(comfy, g, HR // 8, SMALL_BOX)
     assert np.isfinite(sampled.numpy()).all()
+    assert "HD-Painter SR: 4 tile(s) of up to 24x24 latent cells over a 32x32 latent" in comfy.log_text()
 
 
 def _error(comfy, g):
@@ -218,8 +223,4 @@ def test_hd_painter_2k_example_runs(host, comfy, x4_upscaler_checkpoint):
             save_id = node_id
     result = comfy.run(prompt, timeout=900)
     assert result.ok, result.describe()
-    out = comfy.image(result, save_id)
-    assert out.shape == (HR, HR, 3)
-    far = far_from_mask(HR, MASK_BOX, 24 + 1)
-    assert np.abs(out[far].astype(int) - original[far].astype(int)).max() <= 1
-    assert np.abs(out[~far].astype(int) - original[~far].astype(int)).mean() > 1
+    assert_original_outside_blend(comfy.image(result, save_id), original)
