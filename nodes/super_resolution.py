@@ -24,6 +24,7 @@ from .types import CATEGORY
 
 SR_CATEGORY = CATEGORY + "/hd-painter"
 MIN_TILE_PX = MIN_TILE * sr.SCALE
+VAE_TILE, VAE_TILE_OVERLAP = 512, 64  # pixels: tiles for encoding the original when tile_size > 0
 
 
 def _tiled_model_function(tile: int, overlap: int, previous):
@@ -95,9 +96,10 @@ class HDPainterSRSampler(io.ComfyNode):
                 io.Int.Input("mask_blur", default=sr.BLUR_KERNEL, min=1, max=99, step=2, tooltip=(
                     "Taps of the Gaussian blur of the latent-size mask, odd (HD-Painter: 19); 1 = no blur.")),
                 io.Int.Input("tile_size", default=0, min=0, max=8192, step=32, tooltip=(
-                    "0 = upscale in one piece. Otherwise the tile side in output pixels (e.g. 1024) for the "
-                    f"UNet and for encoding the original, to bound memory at 2K and above (at least {MIN_TILE_PX}; "
-                    "tiles approximate the one-piece result, see docs/super-resolution.md).")),
+                    "0 = upscale in one piece. Otherwise the UNet's tile side in output pixels (e.g. 1152 for "
+                    f"2048 px: 4 tiles), to bound memory at 2K and above (at least {MIN_TILE_PX}; tiles approximate "
+                    "the one-piece result, see docs/super-resolution.md). The original is then also encoded in "
+                    "512 px tiles.")),
                 io.Int.Input("tile_overlap", default=128, min=0, max=2048, step=32, tooltip=(
                     "Overlap between tiles in output pixels; tiles cross-fade over it.")),
             ],
@@ -124,8 +126,8 @@ class HDPainterSRSampler(io.ComfyNode):
             raise InputError(f"tile_size {tile_size} px is too small: use 0 (no tiling) or at least {MIN_TILE_PX} px.")
         if mask_blur % 2 == 0:
             raise InputError(f"mask_blur {mask_blur} must be odd (e.g. 19).")
-        if tile_size:
-            known = vae.encode_tiled(image, tile_x=tile_size, tile_y=tile_size, overlap=min(tile_overlap, tile_size // 4))
+        if tile_size:  # ComfyUI's own tiled encoder, with VAE Encode (Tiled)'s default tiles
+            known = vae.encode_tiled(image, tile_x=VAE_TILE, tile_y=VAE_TILE, overlap=VAE_TILE_OVERLAP)
         else:
             known = vae.encode(image)
         known = known.to(common.intermediate_device())

@@ -90,7 +90,7 @@ HD_PAINTER_2K_NOTE = (
     "schedule, 20 steps, prompt + ', high resolution professional photo', empty negative.\n"
     "3. Poisson Blend pastes the result into the original without a seam.\n\n"
     "The original's sides must be multiples of 32 (e.g. 2048x2048) so that it is exactly 4x the "
-    "512 picture. tile_size 1024 bounds memory at 2K (see docs/super-resolution.md)."
+    "512 picture. tile_size 1152 (4 tiles at 2048) bounds memory at 2K (see docs/super-resolution.md)."
 )
 
 
@@ -122,7 +122,7 @@ def hd_painter_2k_graph() -> dict[str, Node]:
         "x4_cond": Node("SD_4XUpscale_Conditioning", {"scale_ratio": 4.0, "noise_augmentation": 0.057},
                         links={"images": ("decode512", 0), "positive": ("x4_pos", 0), "negative": ("x4_neg", 0)},
                         pos=(1600, 200)),
-        "sr_sampler": Node("ASUKA_HDPainterSRSampler", {"mask_grow": 19, "mask_blur": 19, "tile_size": 1024,
+        "sr_sampler": Node("ASUKA_HDPainterSRSampler", {"mask_grow": 19, "mask_blur": 19, "tile_size": 1152,
                                                         "tile_overlap": 128},
                            links={"vae": ("x4", 2), "image": ("load", 0), "mask": ("load", 1)}, pos=(800, 600)),
         "sigmas": Node("BasicScheduler", {"scheduler": "simple", "steps": 20, "denoise": 1.0},

@@ -55,8 +55,8 @@ def sr_graph(*, x4: str, hr_image: str, lr_image: str, tile_size: int = 0, steps
                positive=up[0], negative=up[1], sampler=sampler[0], sigmas=sigmas[0], latent_image=up[2])
     g.add("SaveLatent", _id="save_latent", samples=sc[0], filename_prefix=unique(prefix))
     if tile_size:
-        known = g.add("VAEEncodeTiled", _id="known", pixels=hr_pixels, vae=ckpt[2], tile_size=tile_size,
-                      overlap=min(32, tile_size // 4), temporal_size=64, temporal_overlap=8)
+        known = g.add("VAEEncodeTiled", _id="known", pixels=hr_pixels, vae=ckpt[2], tile_size=512,
+                      overlap=64, temporal_size=64, temporal_overlap=8)
     else:
         known = g.add("VAEEncode", _id="known", pixels=hr_pixels, vae=ckpt[2])
     g.add("SaveLatent", _id="save_known", samples=known[0], filename_prefix=unique(prefix + "-known"))
@@ -131,8 +131,8 @@ def test_sr_keeps_the_known_latent_and_the_original(comfy, x4_upscaler_checkpoin
 
 
 def test_tiled_sr_runs_in_tiles_and_keeps_the_known_latent(comfy, x4_upscaler_checkpoint, uploads):
-    """128 px output, 96 px tiles (24 latent cells, 4 tiles), VAE encode in tiles too: the
-    keep region equals ComfyUI's own tiled encoding with the same tile settings."""
+    """128 px output, 96 px tiles (24 latent cells, 4 tiles), the original encoded with
+    ComfyUI's tiled encoder: the keep region equals VAE Encode (Tiled) at its default tiles."""
     g = sr_graph(x4=x4_upscaler_checkpoint, hr_image=uploads["hr_small"], lr_image=uploads["lr_small"],
                  tile_size=96, blend=False, prefix="sr-tiled")
     _, sampled, _ = run_and_compare_known(comfy, g, HR // 8, SMALL_BOX)
@@ -216,7 +216,7 @@ def test_hd_painter_2k_example_runs(host, comfy, x4_upscaler_checkpoint):
         elif kind in ("KSampler", "BasicScheduler"):
             inputs["steps"] = 2
         elif kind == "ASUKA_HDPainterSRSampler":
-            assert inputs["tile_size"] == 1024
+            assert inputs["tile_size"] == 1152
             inputs["tile_size"] = 0          # a 256 px test picture fits in one piece
         elif kind == "SaveImage":
             inputs["filename_prefix"] = unique("hd-painter-2k")
