@@ -168,6 +168,15 @@ def hd_painter_blend(original: torch.Tensor, generated: torch.Tensor, mask: torc
     return out
 
 
+def check_mask_size(mask: torch.Tensor, image: torch.Tensor) -> None:
+    """MASK [B, H, W] and IMAGE [B, H, W, C] of the original must have the same size (no
+    silent resizing: a mask of another picture would blend the wrong area)."""
+    if mask.shape[1:] != image.shape[1:3]:
+        raise InputError(
+            f"the mask is {mask.shape[2]}x{mask.shape[1]} but the image is {image.shape[2]}x{image.shape[1]}: "
+            "give the original picture's mask, at the same size as the picture.")
+
+
 def blend_images(original: torch.Tensor, generated: torch.Tensor, mask: torch.Tensor, *,
                  pad: int = 32, dilation: int = 48) -> torch.Tensor:
     """``hd_painter_blend`` on ComfyUI tensors: IMAGE ``[B, H, W, C]`` in 0..1 and MASK
@@ -180,10 +189,7 @@ def blend_images(original: torch.Tensor, generated: torch.Tensor, mask: torch.Te
             f"the generated image is {generated.shape[2]}x{generated.shape[1]} but the original is "
             f"{original.shape[2]}x{original.shape[1]}: blend images of the same size (upscale or crop "
             "the generated one first).")
-    if mask.shape[1:] != original.shape[1:3]:
-        raise InputError(
-            f"the mask is {mask.shape[2]}x{mask.shape[1]} but the original is "
-            f"{original.shape[2]}x{original.shape[1]}: give the mask of the original image, at its size.")
+    check_mask_size(mask, original)
     batch = max(original.shape[0], generated.shape[0], mask.shape[0])
     for name, n in (("original images", original.shape[0]), ("generated images", generated.shape[0]),
                     ("masks", mask.shape[0])):

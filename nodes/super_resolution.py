@@ -17,7 +17,7 @@ from comfy_api.latest import io
 from ..asuka_core import super_resolution as sr
 from ..asuka_core.errors import InputError
 from ..asuka_core.imaging import to_image_batch, to_mask_batch
-from ..asuka_core.poisson import blend_images
+from ..asuka_core.poisson import blend_images, check_mask_size
 from ..asuka_core.tiling import MIN_TILE, tile_grid
 from . import common
 from .types import CATEGORY
@@ -82,7 +82,7 @@ class HDPainterSRSampler(io.ComfyNode):
                 "A sampler for SamplerCustom that runs the Stable Diffusion x4 upscaler the HD-Painter way: at "
                 "every step the prediction outside the (grown, blurred) mask is replaced by the latent of the "
                 "high-resolution original, so untouched areas keep their real detail and only the filled "
-                "area is generated at 4x. Use with SD 4X Upscale Conditioning (noise_augmentation 0.0571), "
+                "area is generated at 4x. Use with SD 4X Upscale Conditioning (noise_augmentation 0.057), "
                 "cfg 7.5 and BasicScheduler 'simple', 20 steps (HD-Painter's settings)."
             ),
             inputs=[
@@ -115,10 +115,7 @@ class HDPainterSRSampler(io.ComfyNode):
                 f"this VAE is not the x4 upscaler's (it scales by {getattr(vae, 'downscale_ratio', '?')}, "
                 f"{getattr(vae, 'latent_channels', '?')} latent channels; the x4 upscaler's scales by 4 with 4 "
                 "channels): connect the VAE output of Load Checkpoint with x4-upscaler-ema.safetensors.")
-        if mask.shape[1:] != image.shape[1:3]:
-            raise InputError(
-                f"the mask is {mask.shape[2]}x{mask.shape[1]} but the image is {image.shape[2]}x{image.shape[1]}: "
-                "give the original picture's mask at the same size as the picture.")
+        check_mask_size(mask, image)
         if image.shape[1] % sr.SCALE or image.shape[2] % sr.SCALE:
             raise InputError(f"the image is {image.shape[2]}x{image.shape[1]}: both sides must be multiples of 4 "
                              "(it must be exactly 4x the inpainted picture).")

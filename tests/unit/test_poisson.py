@@ -178,3 +178,18 @@ def test_errors_name_the_problem():
         seamless_clone(img, img, torch.ones(1, 32, 40))
     with pytest.raises(InputError, match="padding"):
         hd_painter_blend(img, img, torch.ones(1, 40, 40), pad=64)
+
+
+def test_image_level_blend_checks_sizes_and_keeps_comfy_layout():
+    from asuka_core.poisson import blend_images
+
+    original, generated = torch.rand(1, 64, 80, 3), torch.rand(1, 64, 80, 3)
+    mask = torch.zeros(1, 64, 80)
+    mask[:, 20:40, 30:50] = 1
+    out = blend_images(original, generated, mask, pad=8, dilation=6)
+    assert out.shape == (1, 64, 80, 3) and 0 <= out.min() and out.max() <= 1
+    assert torch.equal(out[:, :5], original[:, :5])        # far above the grown mask's box
+    with pytest.raises(InputError, match="generated image is 48x64 but the original is 80x64"):
+        blend_images(original, torch.rand(1, 64, 48, 3), mask)
+    with pytest.raises(InputError, match="mask is 80x60 but the image is 80x64"):
+        blend_images(original, generated, torch.zeros(1, 60, 80))
