@@ -5,10 +5,11 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from . import aligner, decoder, mae
-from . import flux
+from . import flux, super_resolution
 
 NODES: list[type[io.ComfyNode]] = [*mae.NODES, *aligner.NODES, *decoder.NODES]
 NODES += flux.NODES
+NODES += super_resolution.NODES
 
 
 class AsukaExtension(ComfyExtension):

@@ -141,6 +141,74 @@ def flux_fill_graph() -> dict[str, Node]:
 WORKFLOWS["asuka_flux_fill"] = (flux_fill_graph, FLUX_NOTE)
 
 
+HD_PAINTER_2K_NOTE = (
+    "HD-Painter 2K inpainting (comfyui-asuka)\n\n"
+    "1. 512 stage: the original is scaled by 1/4 and inpainted with an SD1.5 inpainting model "
+    "(sd-v1-5-inpainting or similar, in models/checkpoints).\n"
+    "2. SR stage: the Stable Diffusion x4 upscaler (stabilityai/stable-diffusion-x4-upscaler, "
+    "x4-upscaler-ema.safetensors, in models/checkpoints) upscales the 512 result; the HD-Painter "
+    "SR Sampler keeps the original's latent outside the (grown, blurred) mask at every step. "
+    "HD-Painter's settings: noise_augmentation 0.057 (level 20 of 350), cfg 7.5, 'simple' "
+    "schedule, 20 steps, prompt + ', high resolution professional photo', empty negative.\n"
+    "3. Poisson Blend pastes the result into the original without a seam.\n\n"
+    "The original's sides must be multiples of 32 (e.g. 2048x2048) so that it is exactly 4x the "
+    "512 picture. tile_size 1152 (4 tiles at 2048) bounds memory at 2K (see docs/super-resolution.md)."
+)
+
+
+def hd_painter_2k_graph() -> dict[str, Node]:
+    """LoadImage -> 1/4 scale -> SD1.5 inpainting (KSampler) -> VAEDecode (512) ->
+    SD_4XUpscale_Conditioning + ASUKA_HDPainterSRSampler -> SamplerCustom -> VAEDecodeTiled
+    -> ASUKA_PoissonBlend (into the original) -> SaveImage."""
+    prompt = "a wooden rowing boat"
+    return {
+        "load": Node("LoadImage", {"image": "example_2048.png"}, pos=(0, 200)),
+        "ckpt": Node("CheckpointLoaderSimple", {"ckpt_name": "sd-v1-5-inpainting.safetensors"}, pos=(0, 0)),
+        "small": Node("ImageScaleBy", {"upscale_method": "area", "scale_by": 0.25},
+                      links={"image": ("load", 0)}, pos=(400, 300)),
+        "pos": Node("CLIPTextEncode", {"text": prompt}, links={"clip": ("ckpt", 1)}, pos=(400, 0),
+                    title="Prompt (512 stage)"),
+        "neg": Node("CLIPTextEncode", {"text": ""}, links={"clip": ("ckpt", 1)}, pos=(400, 150)),
+        "inpaint": Node("InpaintModelConditioning", {"noise_mask": True},
+                        links={"positive": ("pos", 0), "negative": ("neg", 0), "vae": ("ckpt", 2),
+                               "pixels": ("small", 0), "mask": ("load", 1)}, pos=(800, 0)),
+        "sampler": Node("KSampler", {"seed": 1, "steps": 50, "cfg": 7.5, "sampler_name": "ddim",
+                                     "scheduler": "simple", "denoise": 1.0},
+                        links={"model": ("ckpt", 0), "positive": ("inpaint", 0), "negative": ("inpaint", 1),
+                               "latent_image": ("inpaint", 2)}, pos=(1200, 0)),
+        "decode512": Node("VAEDecode", links={"samples": ("sampler", 0), "vae": ("ckpt", 2)}, pos=(1600, 0)),
+        "x4": Node("CheckpointLoaderSimple", {"ckpt_name": "x4-upscaler-ema.safetensors"}, pos=(0, 900)),
+        "x4_pos": Node("CLIPTextEncode", {"text": prompt + ", high resolution professional photo"},
+                       links={"clip": ("x4", 1)}, pos=(400, 900), title="Prompt (x4 stage)"),
+        "x4_neg": Node("CLIPTextEncode", {"text": ""}, links={"clip": ("x4", 1)}, pos=(400, 1060)),
+        "x4_cond": Node("SD_4XUpscale_Conditioning", {"scale_ratio": 4.0, "noise_augmentation": 0.057},
+                        links={"images": ("decode512", 0), "positive": ("x4_pos", 0), "negative": ("x4_neg", 0)},
+                        pos=(1600, 200)),
+        "sr_sampler": Node("ASUKA_HDPainterSRSampler", {"mask_grow": 19, "mask_blur": 19, "tile_size": 1152,
+                                                        "tile_overlap": 128},
+                           links={"vae": ("x4", 2), "image": ("load", 0), "mask": ("load", 1)}, pos=(800, 600)),
+        "sigmas": Node("BasicScheduler", {"scheduler": "simple", "steps": 20, "denoise": 1.0},
+                       links={"model": ("x4", 0)}, pos=(800, 860)),
+        "sr": Node("SamplerCustom", {"add_noise": True, "noise_seed": 1, "cfg": 7.5},
+                   links={"model": ("x4", 0), "positive": ("x4_cond", 0), "negative": ("x4_cond", 1),
+                          "sampler": ("sr_sampler", 0), "sigmas": ("sigmas", 0), "latent_image": ("x4_cond", 2)},
+                   pos=(2000, 200)),
+        "decode2k": Node("VAEDecodeTiled", {"tile_size": 512, "overlap": 64, "temporal_size": 64,
+                                            "temporal_overlap": 8},
+                         links={"samples": ("sr", 0), "vae": ("x4", 2)}, pos=(2400, 200)),
+        "blend": Node("ASUKA_PoissonBlend", {"padding": 32, "mask_grow": 48},
+                      links={"original": ("load", 0), "generated": ("decode2k", 0), "mask": ("load", 1)},
+                      pos=(2400, 500)),
+        "save": Node("SaveImage", {"filename_prefix": "hd_painter_2k"}, links={"images": ("blend", 0)},
+                     pos=(2800, 200)),
+        "preview512": Node("PreviewImage", links={"images": ("decode512", 0)}, pos=(2000, 0),
+                           title="512 inpainting"),
+    }
+
+
+WORKFLOWS["hd_painter_2k"] = (hd_painter_2k_graph, HD_PAINTER_2K_NOTE)
+
+
 # --------------------------------------------------------------------------------------
 
 

@@ -25,6 +25,7 @@ PACK_NODES = (
     "ASUKA_MAELoader", "ASUKA_MAEPrior",
     "ASUKA_AlignerLoader", "ASUKA_AlignerConditioning",
     "ASUKA_DecoderLoader", "ASUKA_MaskedDecode",
+    "ASUKA_HDPainterSRSampler", "ASUKA_PoissonBlend",
 )
 PACK_NODES += ("ASUKA_FluxConditioning",)
 

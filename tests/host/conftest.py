@@ -270,3 +270,18 @@ def host(host_server) -> HostServer:
 @pytest.fixture
 def comfy(host) -> ComfyClient:
     return host.client
+
+
+# ------------------------------------------------------------------------------ x4 upscaler (HD-Painter SR)
+
+@pytest.fixture(scope="session")
+def x4_upscaler_checkpoint(host_cache, comfy_dir) -> str:
+    """File name, for CheckpointLoaderSimple, of the small random SD x4 upscaler checkpoint
+    (``tests/fixtures/x4_upscaler_checkpoint.py``), cached next to the SD1.5 one, in the
+    folder the server lists as ``checkpoints``."""
+    from tests.fixtures import x4_upscaler_checkpoint as x4
+    from tests.fixtures.sd15_checkpoint import checkpoint_dir
+
+    path = _cached(checkpoint_dir(host_cache), x4.CHECKPOINT_NAME, _source_hash(x4),
+                   lambda tmp: x4.build(tmp, comfy_dir))
+    return os.path.basename(path)
