@@ -1,5 +1,5 @@
 """Nodes for HD-Painter's inpainting-specialised x4 super-resolution:
-ASUKA_HDPainterSRSampler (known-latent blending sampler for the SD x4 upscaler) and
+HDPainter_SRSampler (known-latent blending sampler for the SD x4 upscaler) and
 ASUKA_PoissonBlend (the final gradient-domain blend into the original).
 
 Thin glue: the maths is in ``asuka_core.super_resolution`` and ``asuka_core.poisson``.
@@ -75,7 +75,7 @@ class HDPainterSRSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="ASUKA_HDPainterSRSampler",
+            node_id="HDPainter_SRSampler",
             display_name="HD-Painter SR Sampler (x4, known-latent blend)",
             category=SR_CATEGORY,
             description=(

@@ -158,7 +158,7 @@ HD_PAINTER_2K_NOTE = (
 
 def hd_painter_2k_graph() -> dict[str, Node]:
     """LoadImage -> 1/4 scale -> SD1.5 inpainting (KSampler) -> VAEDecode (512) ->
-    SD_4XUpscale_Conditioning + ASUKA_HDPainterSRSampler -> SamplerCustom -> VAEDecodeTiled
+    SD_4XUpscale_Conditioning + HDPainter_SRSampler -> SamplerCustom -> VAEDecodeTiled
     -> ASUKA_PoissonBlend (into the original) -> SaveImage."""
     prompt = "a wooden rowing boat"
     return {
@@ -184,7 +184,7 @@ def hd_painter_2k_graph() -> dict[str, Node]:
         "x4_cond": Node("SD_4XUpscale_Conditioning", {"scale_ratio": 4.0, "noise_augmentation": 0.057},
                         links={"images": ("decode512", 0), "positive": ("x4_pos", 0), "negative": ("x4_neg", 0)},
                         pos=(1600, 200)),
-        "sr_sampler": Node("ASUKA_HDPainterSRSampler", {"mask_grow": 19, "mask_blur": 19, "tile_size": 1152,
+        "sr_sampler": Node("HDPainter_SRSampler", {"mask_grow": 19, "mask_blur": 19, "tile_size": 1152,
                                                         "tile_overlap": 128},
                            links={"vae": ("x4", 2), "image": ("load", 0), "mask": ("load", 1)}, pos=(800, 600)),
         "sigmas": Node("BasicScheduler", {"scheduler": "simple", "steps": 20, "denoise": 1.0},

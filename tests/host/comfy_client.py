@@ -25,9 +25,9 @@ PACK_NODES = (
     "ASUKA_MAELoader", "ASUKA_MAEPrior",
     "ASUKA_AlignerLoader", "ASUKA_AlignerConditioning",
     "ASUKA_DecoderLoader", "ASUKA_MaskedDecode",
-    "ASUKA_HDPainterSRSampler", "ASUKA_PoissonBlend",
+    "ASUKA_FluxConditioning",
+    "HDPainter_SRSampler", "ASUKA_PoissonBlend",
 )
-PACK_NODES += ("ASUKA_FluxConditioning",)
 
 
 class ComfyClient(ComfyAPI):

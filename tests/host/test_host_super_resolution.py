@@ -47,7 +47,7 @@ def sr_graph(*, x4: str, hr_image: str, lr_image: str, tile_size: int = 0, steps
                           width=hr_scale, height=hr_scale, crop="disabled")[0]
     up = g.add("SD_4XUpscale_Conditioning", _id="up", images=lr[0], positive=pos[0], negative=neg[0],
                scale_ratio=4.0, noise_augmentation=0.057)
-    sampler = g.add("ASUKA_HDPainterSRSampler", _id="sampler", vae=list(vae_from or ckpt[2]), image=hr_pixels,
+    sampler = g.add("HDPainter_SRSampler", _id="sampler", vae=list(vae_from or ckpt[2]), image=hr_pixels,
                     mask=hr[1], mask_grow=19, mask_blur=19, tile_size=tile_size, tile_overlap=32)
     model = list(model_from or ckpt[0])
     sigmas = g.add("BasicScheduler", _id="sigmas", model=model, scheduler="simple", steps=steps, denoise=1.0)
@@ -155,7 +155,7 @@ def test_hr_image_that_is_not_4x_the_inpainting_is_refused(comfy, x4_upscaler_ch
 def test_mask_of_another_size_is_refused(comfy, x4_upscaler_checkpoint, uploads):
     g = sr_graph(x4=x4_upscaler_checkpoint, hr_image=uploads["hr"], lr_image=uploads["lr"], hr_scale=HR + 16)
     result = _error(comfy, g)
-    assert result.error_node[1] == "ASUKA_HDPainterSRSampler", result.describe()
+    assert result.error_node[1] == "HDPainter_SRSampler", result.describe()
     assert "mask is 256x256" in result.message and "272x272" in result.message, result.describe()
 
 
@@ -173,7 +173,7 @@ def test_a_vae_that_is_not_the_x4_upscalers_is_refused(host, comfy, x4_upscaler_
     sd15 = g.add("CheckpointLoaderSimple", _id="sd15", ckpt_name=host.checkpoint)
     g.nodes["sampler"]["inputs"]["vae"] = sd15[2]
     result = _error(comfy, g)
-    assert result.error_node[1] == "ASUKA_HDPainterSRSampler", result.describe()
+    assert result.error_node[1] == "HDPainter_SRSampler", result.describe()
     assert "not the x4 upscaler's" in result.message and "scales by 8" in result.message, result.describe()
 
 
@@ -215,7 +215,7 @@ def test_hd_painter_2k_example_runs(host, comfy, x4_upscaler_checkpoint):
             inputs["image"] = image
         elif kind in ("KSampler", "BasicScheduler"):
             inputs["steps"] = 2
-        elif kind == "ASUKA_HDPainterSRSampler":
+        elif kind == "HDPainter_SRSampler":
             assert inputs["tile_size"] == 1152
             inputs["tile_size"] = 0          # a 256 px test picture fits in one piece
         elif kind == "SaveImage":
