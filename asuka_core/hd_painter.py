@@ -65,7 +65,7 @@ def painta_factors(cross_probs: torch.Tensor, token_indices: Sequence[int], heig
     if cross_probs.shape[-2] != height * width:
         raise InputError(f"painta_factors: {cross_probs.shape[-2]} pixels given for a {height}x{width} map.")
     idx = torch.as_tensor(list(token_indices), dtype=torch.long, device=cross_probs.device)
-    s = cross_probs.float().index_select(-1, idx).sum(-1)           # [..., n]
+    s = cross_probs.to(_score_dtype(cross_probs.dtype)).index_select(-1, idx).sum(-1)           # [..., n]
     lead = s.shape[:-1]
     s = s.reshape(-1, 1, height, width)
     s = F.conv2d(s, _smoothing_kernel(s.dtype, s.device)[None, None], padding=1)
@@ -102,7 +102,7 @@ def rasg_score(cross_logits: torch.Tensor, token_indices: Sequence[int], hole: t
     averaged over layers and heads; hole: ``[n]``. Differentiable in ``cross_logits``.
     """
     idx = torch.as_tensor(list(token_indices), dtype=torch.long, device=cross_logits.device)
-    logits = cross_logits.float().index_select(-1, idx) - RASG_LOGIT_SHIFT      # [n, T]
+    logits = cross_logits.to(_score_dtype(cross_logits.dtype)).index_select(-1, idx) - RASG_LOGIT_SHIFT      # [n, T]
     target = _hole_bool(hole).to(logits.device, logits.dtype)[:, None].expand_as(logits)
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(0)   # [T]
     return -bce.sum()
@@ -145,7 +145,7 @@ def rasg_noise_scale(sigma: float, sigma_next: float, eta: float, mode: str, sig
 def normalise_gradient(grad: torch.Tensor) -> torch.Tensor:
     """grad / std(grad) per sample (unbiased std over C, H, W; no mean subtraction, as the
     official code). A zero gradient stays zero."""
-    flat = grad.reshape(grad.shape[0], -1).float()
+    flat = grad.reshape(grad.shape[0], -1).to(_score_dtype(grad.dtype))
     std = flat.std(dim=1, unbiased=True) if flat.shape[1] > 1 else torch.ones(flat.shape[0], device=grad.device)
     std = torch.where(std > 0, std, torch.ones_like(std))
     return (flat / std[:, None]).reshape(grad.shape).to(grad.dtype)
@@ -290,10 +290,16 @@ def _heads_split(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.reshape(b, n, heads, inner // heads).transpose(1, 2)        # [b, heads, n, d]
 
 
+def _score_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Attention scores in at least fp32 (fp16/bf16 models), in fp64 for fp64 models."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def cross_logits(attn2, hidden: torch.Tensor, context: torch.Tensor, heads: int) -> torch.Tensor:
-    """Pre-softmax cross-attention scores ``[b, heads, n, L]`` in fp32 (hidden = norm2(x))."""
-    q = _heads_split(attn2.to_q(hidden).float(), heads)
-    k = _heads_split(attn2.to_k(context.to(hidden.dtype)).float(), heads)
+    """Pre-softmax cross-attention scores ``[b, heads, n, L]``, at least fp32 (hidden = norm2(x))."""
+    dtype = _score_dtype(hidden.dtype)
+    q = _heads_split(attn2.to_q(hidden).to(dtype), heads)
+    k = _heads_split(attn2.to_k(context.to(hidden.dtype)).to(dtype), heads)
     return q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5)
 
 
@@ -469,9 +475,10 @@ class PaintaPatch(_SharedByCopies):
         q = _heads_split(attn1.to_q(n1[idx][None]), heads)[0]             # [heads, nh, d]
         k = _heads_split(attn1.to_k(n1[None]), heads)[0]                  # [heads, n, d]
         v = _heads_split(attn1.to_v(n1[None]), heads)[0]
-        scores = q.float() @ k.float().transpose(-1, -2) * (q.shape[-1] ** -0.5)   # [heads, nh, n]
+        dtype = _score_dtype(q.dtype)
+        scores = q.to(dtype) @ k.to(dtype).transpose(-1, -2) * (q.shape[-1] ** -0.5)   # [heads, nh, n]
         known = ~hole
-        scale = torch.where(known, c.float(), torch.ones_like(c, dtype=torch.float32))   # hole rows of C
+        scale = torch.where(known, c.to(dtype), torch.ones_like(c, dtype=dtype))        # hole rows of C
         probs = (scores * scale).softmax(-1).to(v.dtype)
         out = (probs @ v).transpose(0, 1).reshape(idx.numel(), -1)        # [nh, inner]
         y_new = attn1.to_out(out[None])[0]
@@ -572,10 +579,39 @@ def make_parameters_differentiable(module: torch.nn.Module, device: torch.device
     return replaced
 
 
+def rasg_gradient(model, x, sigma, extra_args: dict, grad_options: dict, capture: RasgCapture,
+                  tokens: Sequence[int], mask: torch.Tensor | None = None,
+                  check_interrupt: Callable[[], None] | None = None):
+    """One forward pass with the gradient enabled w.r.t. x only, and the gradient of the RASG
+    score. Returns (denoised (detached), grad_x S, S (detached))."""
+    with torch.inference_mode(False), torch.enable_grad():
+        x_g = x.detach().clone().requires_grad_(True)
+        args = dict(extra_args)
+        args["model_options"] = grad_options
+        if args.get("denoise_mask") is not None:
+            args["denoise_mask"] = args["denoise_mask"].clone()
+        capture.start()
+        try:
+            denoised = model(x_g, sigma.clone(), **args)
+            score = capture.score(mask, tokens)
+            if check_interrupt is not None:
+                check_interrupt()
+            (grad,) = torch.autograd.grad(score, x_g)
+        finally:
+            capture.start()
+    return denoised.detach(), grad, score.detach()
+
+
+def rasg_options(model_options: dict, attention_override=None) -> tuple[dict, RasgCapture]:
+    """model_options for RASG's gradient passes, and the capture they feed."""
+    capture = RasgCapture()
+    return _with_capture(model_options, capture, attention_override), capture
+
+
 def sample_rasg(model, x, sigmas, extra_args=None, callback=None, disable=None, *, tokens: Sequence[int],
                 eta: float = 0.1, sigma_mode: str = "official_code", mask: torch.Tensor | None = None,
                 sigma_table: torch.Tensor, unet: torch.nn.Module | None = None, attention_override=None,
-                check_interrupt: Callable[[], None] | None = None, progress=None):
+                check_interrupt: Callable[[], None] | None = None):
     """RASG sampling (k-diffusion sampler signature; ``model`` is ComfyUI's wrapped model).
 
     Each step: a forward pass with the gradient enabled w.r.t. x only (the UNet weights get
@@ -585,13 +621,10 @@ def sample_rasg(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     """
     extra_args = dict(extra_args or {})
     s_in = x.new_ones([x.shape[0]])
-    capture = RasgCapture()
-    base_options = extra_args.get("model_options", {})
-    grad_options = _with_capture(base_options, capture, attention_override)
+    grad_options, capture = rasg_options(extra_args.get("model_options", {}), attention_override)
     with torch.inference_mode(False):
         if unet is not None:
             make_parameters_differentiable(unet, x.device)
-    x = x.clone() if x.is_inference() else x
     for i in range(len(sigmas) - 1):
         if check_interrupt is not None:
             check_interrupt()
@@ -601,20 +634,8 @@ def sample_rasg(model, x, sigmas, extra_args=None, callback=None, disable=None, 
                 denoised = model(x, sigmas[i] * s_in, **extra_args)
             x_next = denoised if sigma_next <= 0 else denoised + sigma_next * (x - denoised) / sigma
         else:
-            with torch.inference_mode(False), torch.enable_grad():
-                x_g = x.detach().clone().requires_grad_(True)
-                args = dict(extra_args)
-                args["model_options"] = grad_options
-                if args.get("denoise_mask") is not None:
-                    args["denoise_mask"] = args["denoise_mask"].clone()
-                capture.start()
-                denoised = model(x_g, (sigmas[i] * s_in).clone(), **args)
-                score = capture.score(mask, tokens)
-                if check_interrupt is not None:
-                    check_interrupt()
-                (grad,) = torch.autograd.grad(score, x_g)
-                capture.start()
-                denoised = denoised.detach()
+            denoised, grad, _ = rasg_gradient(model, x, sigmas[i] * s_in, extra_args, grad_options, capture,
+                                              tokens, mask, check_interrupt)
             u = rasg_noise_scale(sigma, sigma_next, eta, sigma_mode, sigma_table)
             x_next = rasg_update(x, denoised, sigma, sigma_next, u, normalise_gradient(grad))
         if callback is not None:
