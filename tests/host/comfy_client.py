@@ -27,6 +27,7 @@ PACK_NODES = (
     "ASUKA_MAELoader", "ASUKA_MAEPrior",
     "ASUKA_AlignerLoader", "ASUKA_AlignerConditioning",
     "ASUKA_DecoderLoader", "ASUKA_MaskedDecode",
+    "HDPainter_PromptTokens", "HDPainter_PAIntA", "HDPainter_RASGSampler",
 )
 
 

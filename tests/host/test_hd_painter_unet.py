@@ -301,3 +301,59 @@ def test_rasg_sampler_with_eta_zero_is_euler_and_guides_otherwise(comfy, pack, p
     d_paper = (results[(0.1, "paper")] - euler).abs().max()
     assert d_code > 1e-5, "RASG (official_code) did not change the result"
     assert d_paper > 5 * d_code, "the paper's sigma at the same eta must guide much more strongly"
+
+
+# ---------------------------------------------------------------------------- refusals
+
+def _tiny_model(comfy, family: str):
+    cfg = tiny_unet_config()
+    if family == "SD20":
+        cfg.update(context_dim=1024, use_linear_in_transformer=True, num_heads=-1, num_head_channels=16)
+        config = comfy.supported_models.SD20(cfg)
+    else:
+        cfg.update(context_dim=2048, adm_in_channels=2816, use_linear_in_transformer=True, in_channels=4,
+                   num_res_blocks=[1, 1, 1], channel_mult=[1, 2, 2], transformer_depth=[0, 1, 1],
+                   transformer_depth_output=[0, 0, 1, 1, 1, 1], num_heads=-1, num_head_channels=16)
+        config = comfy.supported_models.SDXL(cfg)
+    model = config.get_model({})
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+@pytest.mark.parametrize("family", ["SD20", "SDXL"])
+def test_sd2_and_sdxl_models_are_refused_by_painta_and_rasg(comfy, pack, family):
+    nodes, _ = pack
+    model = _tiny_model(comfy, family)
+    tokens = nodes.PromptTokens((1, 2), "t")
+    with pytest.raises(ValueError, match=r"SD1\.5 UNets only.*SD2, SDXL") as info:
+        nodes.PAIntA.execute(model, tokens, 500)
+    assert type(info.value).__name__ == "InputError"
+
+    class Wrapped:                         # what a sampler function receives: model.inner_model.inner_model
+        class inner_model:
+            inner_model = model.model
+    with pytest.raises(ValueError, match=r"SD1\.5 UNets only"):
+        nodes._rasg_sampler_function(Wrapped, torch.zeros(1, 4, 8, 8), torch.tensor([1.0, 0.0]),
+                                     tokens=[1], eta=0.1, sigma_mode="official_code", mask=None)
+
+
+def test_sdxl_clip_is_refused_by_the_prompt_node(comfy, pack):
+    import types
+
+    import comfy.sdxl_clip
+
+    nodes, _ = pack
+    clip = types.SimpleNamespace(tokenizer=comfy.sdxl_clip.SDXLTokenizer())
+    with pytest.raises(ValueError, match=r"SD1\.5 only.*SD2, SDXL"):
+        nodes.PromptTokens_.execute(clip, "a cat", "")
+
+
+def test_painta_without_mask_on_a_plain_unet_is_refused(comfy, pack):
+    nodes, _ = pack
+    cfg = tiny_unet_config()
+    cfg["in_channels"] = 4
+    model = comfy.supported_models.SD15(cfg).get_model({})
+    cpu = torch.device("cpu")
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    with pytest.raises(ValueError, match=r"no mask.*MASK"):
+        nodes.PAIntA.execute(patcher, nodes.PromptTokens((1,), "t"), 500)
