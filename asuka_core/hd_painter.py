@@ -182,7 +182,7 @@ def mask_at_level(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 def prepare_pixel_mask(mask: torch.Tensor) -> torch.Tensor:
     """A user MASK ``[B, H, W]`` or ``[H, W]`` -> the binary hole PAIntA/RASG use: > 0.5, then
-    the official 1-pixel cross dilation. Refuses an empty or all-hole mask."""
+    the official 1-pixel cross dilation. Refuses an empty mask."""
     if mask.ndim == 2:
         mask = mask[None]
     if mask.ndim != 3:
@@ -193,15 +193,13 @@ def prepare_pixel_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 def check_hole(mask: torch.Tensor, source: str) -> None:
-    """Refuse masks that make PAIntA/RASG meaningless (no hole, or no known pixel)."""
+    """Refuse a mask without any hole pixel (> 0.5) in some sample: nothing to inpaint.
+    (A full mask is allowed: PAIntA then has no known pixel to act on; RASG still works.)"""
     per = mask.reshape(mask.shape[0], -1) > 0.5
     if not bool(per.any(dim=1).all()):
         raise InputError(f"HD-Painter: {source} has no hole (every pixel is known). Paint the area to fill "
                          "in the mask (white = inpaint) and connect it to InpaintModelConditioning or to "
                          "the node's mask input.")
-    if bool(per.all(dim=1).any()):
-        raise InputError(f"HD-Painter: {source} covers the whole image, so there are no known pixels for "
-                         "PAIntA/RASG to relate the prompt to. Leave part of the image unmasked.")
 
 
 def prompt_token_positions(full_chunks: Sequence[Sequence], n_prompt_tokens: int, *, start_token: int,
@@ -238,6 +236,14 @@ def prompt_token_positions(full_chunks: Sequence[Sequence], n_prompt_tokens: int
     if eot is None:
         raise InputError("HD-Painter: no end-of-text token after the prompt; the tokenizer output is not CLIP's.")
     return words[:n_prompt_tokens] + [eot]
+
+
+def require_words(text: str) -> None:
+    """Refuse a prompt without any letter or digit (empty, blank, only punctuation): PAIntA
+    and RASG need words to relate to the image."""
+    if not any(ch.isalnum() for ch in text):
+        raise InputError("HD-Painter needs a prompt with at least one word: the prompt text is empty or has "
+                         "only punctuation/weights syntax. Describe what should appear in the hole.")
 
 
 def count_word_tokens(chunks: Sequence[Sequence], *, start_token: int, end_token: int,
@@ -524,6 +530,8 @@ class RasgCapture(_SharedByCopies):
             h, w = state.stash["rasg_shape"]
             rows = state.stash["rasg_rows"]
             hole = _hole_for_rows(state, pixel_mask, rows, 0, h, w, logits[0].device)
+            if hole is not None and pixel_mask is None:
+                check_hole(state.latent_mask[rows], "the inpainting mask")
             if hole is None:
                 raise InputError("RASG needs a mask: use an inpainting (9-channel) SD1.5 model with "
                                  "InpaintModelConditioning, or connect a MASK to the RASG sampler.")
@@ -536,7 +544,6 @@ class RasgCapture(_SharedByCopies):
                              "UNet, or the prompt (positive conditioning) was not used.")
         total = None
         for s, layers in per_sample.items():
-            check_hole(hole_of[s][None].float(), "the inpainting mask")
             value = rasg_score(torch.stack(layers).mean(0), tokens, hole_of[s])
             total = value if total is None else total + value
         return total

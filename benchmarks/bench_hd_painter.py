@@ -63,16 +63,6 @@ def _load_pack():
     return importlib.import_module(name + ".nodes.hd_painter")
 
 
-def _fixture(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"asuka_fixture_{name}",
-                                                  os.path.join(REPO, "tests", "fixtures", name + ".py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def child(mode: str, size: int, steps: int, dtype_name: str) -> dict:
     sys.path[:0] = [COMFY]
     import comfy.cli_args
@@ -89,7 +79,9 @@ def child(mode: str, size: int, steps: int, dtype_name: str) -> dict:
 
     hd = _load_pack()
     dtype = getattr(torch, dtype_name)
-    ckpt = _fixture("sd15_checkpoint").ensure_sd15_inpaint_checkpoint(CACHE, COMFY)
+    from bench_conditioning import fixture     # benchmarks/ is on sys.path when run as a script
+
+    ckpt = fixture("sd15_checkpoint").ensure_sd15_inpaint_checkpoint(CACHE, COMFY)
     prefix = "model.diffusion_model."
     with torch.inference_mode():                          # as ComfyUI's executor loads models
         sd = {k: v for k, v in load_file(ckpt).items() if k.startswith(prefix)}

@@ -50,6 +50,16 @@ def check_sd15_model(base_model, where: str) -> None:
                          "not supported. Load an SD1.5 inpainting checkpoint.")
 
 
+def _mask_input():
+    return io.Mask.Input("mask", optional=True, tooltip=(
+        "Hole to use (white = inpaint). Optional: without it the mask given to "
+        "InpaintModelConditioning (the UNet's mask channel) is used."))
+
+
+def _tokens_input():
+    return TOKENS.Input("tokens", tooltip="From HD-Painter Prompt.")
+
+
 def _pixel_mask(mask):
     return None if mask is None else hp.prepare_pixel_mask(mask.float().cpu())
 
@@ -83,6 +93,7 @@ class PromptTokens_(io.ComfyNode):
     def execute(cls, clip, text: str, suffix: str) -> io.NodeOutput:
         where = "HD-Painter Prompt"
         inner = _sd15_tokenizer(clip, where)
+        hp.require_words(text)
         special = dict(start_token=inner.start_token, end_token=inner.end_token, pad_token=inner.pad_token)
         n_words = hp.count_word_tokens([[t for t, *_ in chunk] for chunk in clip.tokenize(text)["l"]], **special)
         full = f"{text}, {suffix}" if suffix.strip() and text.strip() else text
@@ -107,13 +118,11 @@ class PAIntA(io.ComfyNode):
                 "model; use it with an SD1.5 inpainting model and InpaintModelConditioning."),
             inputs=[
                 io.Model.Input("model", tooltip="An SD1.5 inpainting model (9-channel UNet)."),
-                TOKENS.Input("tokens", tooltip="From HD-Painter Prompt."),
+                _tokens_input(),
                 io.Int.Input("end_timestep", default=hp.PAINTA_END_TIMESTEP, min=0, max=1000, tooltip=(
                     "PAIntA is active while the sampler's timestep is above this value (999 = first step, "
                     "0 = last). 500 = the first half of the steps, as the official code.")),
-                io.Mask.Input("mask", optional=True, tooltip=(
-                    "Hole to use (white = inpaint). Optional: without it the mask given to "
-                    "InpaintModelConditioning (the UNet's mask channel) is used.")),
+                _mask_input(),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The model with PAIntA.")],
         )
@@ -165,16 +174,14 @@ class RASGSampler(io.ComfyNode):
                 "SamplerCustom with the 'simple' scheduler (BasicScheduler). Each step runs a backward pass "
                 "through the UNet, so a step costs about 2-3 plain steps."),
             inputs=[
-                TOKENS.Input("tokens", tooltip="From HD-Painter Prompt."),
+                _tokens_input(),
                 io.Float.Input("eta", default=0.1, min=0.0, max=10.0, step=0.01, tooltip=(
                     "Guidance strength. 0 = plain deterministic DDIM. Official value 0.1.")),
                 io.Combo.Input("sigma_mode", options=list(hp.SIGMA_MODES), default="official_code", tooltip=(
                     "official_code: the guidance scale of the official implementation (per-step alphas; about "
                     "10-25x weaker than the paper's formula at the same eta). paper: the DDIM sigma of the "
                     "paper (use a much smaller eta, e.g. 0.005-0.01).")),
-                io.Mask.Input("mask", optional=True, tooltip=(
-                    "Hole to use (white = inpaint). Optional: without it the mask given to "
-                    "InpaintModelConditioning (the UNet's mask channel) is used.")),
+                _mask_input(),
             ],
             outputs=[io.Sampler.Output(display_name="sampler", tooltip="For SamplerCustom / SamplerCustomAdvanced.")],
         )

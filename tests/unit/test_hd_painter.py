@@ -217,11 +217,12 @@ def test_dilate_cross_matches_scipy():
     np.testing.assert_array_equal(got, want)
 
 
-def test_prepare_pixel_mask_refuses_empty_and_full_masks():
+def test_prepare_pixel_mask_refuses_empty_masks_only():
     with pytest.raises(InputError, match="no hole"):
         hp.prepare_pixel_mask(torch.zeros(1, 16, 16))
-    with pytest.raises(InputError, match="whole image"):
-        hp.prepare_pixel_mask(torch.ones(16, 16))
+    with pytest.raises(InputError, match="no hole"):            # one sample of the batch is empty
+        hp.prepare_pixel_mask(torch.stack([torch.ones(16, 16), torch.zeros(16, 16)]))
+    assert bool(hp.prepare_pixel_mask(torch.ones(16, 16)).all())
     m = torch.zeros(16, 16)
     m[5, 5] = 1
     assert int(hp.prepare_pixel_mask(m).sum()) == 5        # the 1-px cross
@@ -261,3 +262,8 @@ def test_token_positions_refuse_a_prompt_without_words():
     with pytest.raises(InputError, match="at least one word"):
         hp.prompt_token_positions(_chunks([]), 0, start_token=SOT, end_token=EOT)
     assert hp.count_word_tokens(_chunks([]), start_token=SOT, end_token=EOT) == 0
+    for text in ("", "   ", " , ,  ", "(( ))"):
+        with pytest.raises(InputError, match="at least one word"):
+            hp.require_words(text)
+    hp.require_words("a red car")
+    hp.require_words("2")
