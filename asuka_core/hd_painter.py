@@ -400,7 +400,31 @@ class PaintaPatch(_SharedByCopies):
         patcher.set_model_attn1_output_patch(self.attn1_output_patch)
         patcher.set_model_patch(self.middle_patch, "middle_patch")
         patcher.add_wrapper_with_key("diffusion_model", key, diffusion_model_wrapper)
+        patcher.add_wrapper_with_key("diffusion_model", key, self.attention_capture_wrapper)
         patcher.add_wrapper_with_key("calc_cond_batch", key, positive_context_wrapper)
+
+    def attention_capture_wrapper(self, executor, x, timesteps=None, context=None, y=None, control=None,
+                                  transformer_options=None, **kwargs):
+        """Installs an attention override (chained to any existing one) that keeps the
+        projected q, k, v of the patched self-attentions, so that the hole rows can be
+        recomputed without projecting again."""
+        transformer_options = dict(transformer_options or {})
+        previous = transformer_options.get("optimized_attention_override")
+
+        def override(func, *args, **kw):
+            opts = kw.get("transformer_options") or {}
+            state = call_state(opts)
+            if state is not None and len(args) >= 3 and not kw.get("skip_reshape", False):
+                saved = state.stash.get(self._key(opts))
+                q, k = args[0], args[1]
+                if saved is not None and "qkv" not in saved and "y" not in saved and q.shape[1] == k.shape[1]:
+                    saved["qkv"] = args[:3]
+            if previous is not None:
+                return previous(func, *args, **kw)
+            return func(*args, **kw)
+
+        transformer_options["optimized_attention_override"] = override
+        return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
 
     def _wanted(self, extra_options: dict) -> CallState | None:
         state = call_state(extra_options)
@@ -417,13 +441,13 @@ class PaintaPatch(_SharedByCopies):
     def attn1_patch(self, n, context_attn1, value_attn1, extra_options):
         state = self._wanted(extra_options)
         if state is not None:
-            state.stash[self._key(extra_options)] = [n]
+            state.stash[self._key(extra_options)] = {"n": n}
         return n, context_attn1, value_attn1
 
     def attn1_output_patch(self, y, extra_options):
         state = self._wanted(extra_options)
         if state is not None and self._key(extra_options) in state.stash:
-            state.stash[self._key(extra_options)].append(y)
+            state.stash[self._key(extra_options)]["y"] = y
         return y
 
     def middle_patch(self, x, extra_options):
@@ -431,9 +455,8 @@ class PaintaPatch(_SharedByCopies):
         if state is None:
             return x
         saved = state.stash.pop(self._key(extra_options), None)
-        if saved is None or len(saved) != 2:
+        if saved is None or "y" not in saved:
             return x
-        n1, y_std = saved
         block = transformer_block(state.unet, extra_options["block"], extra_options.get("block_index", 0))
         heads = extra_options["n_heads"]
         h, w = map_size(extra_options)
@@ -461,7 +484,12 @@ class PaintaPatch(_SharedByCopies):
             c = painta_factors(logits.softmax(-1).mean(1), self.tokens, h, w)
             factors = [c[s] for s in range(per)]
         active = state.timesteps > self.end_timestep
-        out = x
+        qkv = saved.get("qkv")
+        if qkv is None:          # an attn1 replace patch of another node bypassed the override
+            n1 = saved["n"]
+            qkv = (block.attn1.to_q(n1), block.attn1.to_k(n1), block.attn1.to_v(n1))
+        y_std = saved["y"]
+        out = x.clone()
         for flag, rows in chunks:
             hole = _hole_for_rows(state, self.mask, rows, x.shape[0], h, w, x.device)
             if hole is None:
@@ -470,17 +498,19 @@ class PaintaPatch(_SharedByCopies):
                 b = rows.start + s
                 if not bool(active[b]):
                     continue
-                out = self._replace_rows(out, b, block.attn1, n1[b], y_std[b], factors[s], hole[s], heads)
+                self._replace_rows(out, b, block.attn1, [t[b] for t in qkv], y_std[b], factors[s], hole[s], heads)
         return out
 
     @staticmethod
-    def _replace_rows(x, b, attn1, n1, y_std, c, hole, heads):
+    def _replace_rows(x, b, attn1, qkv, y_std, c, hole, heads) -> None:
+        """x[b, hole rows] += to_out(softmax(A * C) V) - y_std for those rows (in place)."""
         idx = hole.nonzero(as_tuple=True)[0]
         if idx.numel() == 0 or idx.numel() == hole.numel():
-            return x
-        q = _heads_split(attn1.to_q(n1[idx][None]), heads)[0]             # [heads, nh, d]
-        k = _heads_split(attn1.to_k(n1[None]), heads)[0]                  # [heads, n, d]
-        v = _heads_split(attn1.to_v(n1[None]), heads)[0]
+            return
+        q_all, k_all, v_all = qkv                                          # [n, heads * d] each
+        q = _heads_split(q_all[idx][None], heads)[0]                       # [heads, nh, d]
+        k = _heads_split(k_all[None], heads)[0]                            # [heads, n, d]
+        v = _heads_split(v_all[None], heads)[0]
         dtype = _score_dtype(q.dtype)
         scores = q.to(dtype) @ k.to(dtype).transpose(-1, -2) * (q.shape[-1] ** -0.5)   # [heads, nh, n]
         known = ~hole
@@ -488,9 +518,7 @@ class PaintaPatch(_SharedByCopies):
         probs = (scores * scale).softmax(-1).to(v.dtype)
         out = (probs @ v).transpose(0, 1).reshape(idx.numel(), -1)        # [nh, inner]
         y_new = attn1.to_out(out[None])[0]
-        x = x.clone()
         x[b, idx] = x[b, idx] - y_std[idx] + y_new.to(x.dtype)
-        return x
 
 
 class RasgCapture(_SharedByCopies):

@@ -172,9 +172,32 @@ def expected_self_attention(blk, x_in, context, cond_or_uncond, hole, core, patc
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("timestep,active", [(900, True), (300, False)])
-def test_painta_changes_only_hole_rows_at_the_patched_levels_while_active(comfy, pack, patcher, timestep, active):
+def _plain_attn1_replace(q, k, v, extra_options):
+    """Another node's attn1 replace (explicit attention, not through ComfyUI's kernels)."""
+    heads = extra_options["n_heads"]
+
+    def split(t):
+        return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+    a = (split(q) @ split(k).transpose(-1, -2) / extra_options["dim_head"] ** 0.5).softmax(-1)
+    return (a @ split(v)).transpose(1, 2).reshape(q.shape)
+
+
+@pytest.mark.parametrize("timestep,active,other_replace", [(900, True, False), (300, False, False),
+                                                           (900, True, True)])
+def test_painta_changes_only_hole_rows_at_the_patched_levels_while_active(comfy, pack, patcher, timestep, active,
+                                                                          other_replace):
+    """other_replace: another node replaced attn1 of every block, so PAIntA cannot reuse the
+    kernels' q, k, v and projects them itself."""
     nodes, core = pack
+    if other_replace:
+        patcher = patcher.clone()
+        unet = patcher.model.diffusion_model
+        keys = [("input", i) for i, b in enumerate(unet.input_blocks) if any(hasattr(m, "transformer_blocks") for m in b)]
+        keys += [("output", i) for i, b in enumerate(unet.output_blocks) if any(hasattr(m, "transformer_blocks") for m in b)]
+        keys += [("middle", 0)]
+        assert len(keys) == 10
+        for kind, number in keys:
+            patcher.set_model_attn1_replace(_plain_attn1_replace, kind, number)
     patched = nodes.PAIntA.execute(patcher, nodes.PromptTokens(tuple(TOKENS), "t"), 500).args[0]
     unet = patcher.model.diffusion_model
     ms = patcher.get_model_object("model_sampling")
