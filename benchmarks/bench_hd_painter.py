@@ -164,7 +164,8 @@ def main() -> None:
             sys.exit(f"{mode} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         results[mode] = json.loads(lines[-1][len("RESULT "):])
         r = results[mode]
-        print(f"{mode:7s} {r['step_s']:8.2f} s/step ({r['cpu_step_s']:.2f} CPU s, load {r['load']:.1f})   peak +{r['peak_extra_mib']:7.0f} MiB over the loaded "
+        print(f"{mode:7s} {r['step_s']:8.2f} s/step ({r['cpu_step_s']:.2f} CPU s, load {r['load']:.1f})   "
+              f"peak +{r['peak_extra_mib']:7.0f} MiB over the loaded "
               f"model ({r['rss_base_mib']:.0f} MiB)", flush=True)
     plain = results.get("plain")
     first = next(iter(results.values()))

@@ -87,8 +87,8 @@ HD_PAINTER_NOTE = (
     "'HD-Painter Prompt'.\n\n"
     "Official settings: 50 steps, 'simple' scheduler, cfg 7.5, RASG eta 0.1 (sigma_mode "
     "official_code), PAIntA while t > 500. Each RASG step runs a backward pass through the UNet "
-    "(about 2-3x the time and extra memory of a plain step); for a quick look, plug a normal "
-    "sampler (KSamplerSelect) into SamplerCustom instead and keep PAIntA."
+    "(more time and memory than a plain step: see docs/benchmarks.md); for a quick look, plug a "
+    "normal sampler (KSamplerSelect) into SamplerCustom instead and keep PAIntA."
 )
 
 

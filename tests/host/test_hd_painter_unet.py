@@ -133,8 +133,10 @@ def record_blocks(unet, log: list):
     """Pre-hooks: the block's input x (norm1's input), x + y (norm2's input) and the UNet's own input."""
     handles = []
     for blk in _blocks(unet):
-        handles.append(blk.norm1.register_forward_pre_hook(lambda m, a, blk=blk: log.append(("n1", blk, a[0].detach().clone()))))
-        handles.append(blk.norm2.register_forward_pre_hook(lambda m, a, blk=blk: log.append(("n2", blk, a[0].detach().clone()))))
+        for tag in ("n1", "n2"):
+            norm = blk.norm1 if tag == "n1" else blk.norm2
+            handles.append(norm.register_forward_pre_hook(
+                lambda m, a, blk=blk, tag=tag: log.append((tag, blk, a[0].detach().clone()))))
 
     def unet_hook(module, args, kwargs):
         opts = kwargs["transformer_options"]
@@ -192,8 +194,10 @@ def test_painta_changes_only_hole_rows_at_the_patched_levels_while_active(comfy,
     if other_replace:
         patcher = patcher.clone()
         unet = patcher.model.diffusion_model
-        keys = [("input", i) for i, b in enumerate(unet.input_blocks) if any(hasattr(m, "transformer_blocks") for m in b)]
-        keys += [("output", i) for i, b in enumerate(unet.output_blocks) if any(hasattr(m, "transformer_blocks") for m in b)]
+        def has_attention(b):
+            return any(hasattr(m, "transformer_blocks") for m in b)
+        keys = [("input", i) for i, b in enumerate(unet.input_blocks) if has_attention(b)]
+        keys += [("output", i) for i, b in enumerate(unet.output_blocks) if has_attention(b)]
         keys += [("middle", 0)]
         assert len(keys) == 10
         for kind, number in keys:
