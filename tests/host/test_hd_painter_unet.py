@@ -384,3 +384,34 @@ def test_painta_without_mask_on_a_plain_unet_is_refused(comfy, pack):
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
     with pytest.raises(ValueError, match=r"no mask.*MASK"):
         nodes.PAIntA.execute(patcher, nodes.PromptTokens((1,), "t"), 500)
+
+
+def test_prompt_tokens_with_comfy_sd15_tokenizer_long_prompt_weights_and_suffix(comfy, pack):
+    """Positions from the real SD1.5 tokenizer: the tokens there are the prompt's own tokens
+    (in order, across 77-token chunks) and the end token right after the suffix."""
+    import types
+
+    import comfy.sd1_clip
+
+    nodes, _ = pack
+    tokenizer = comfy.sd1_clip.SD1Tokenizer()
+    encoded = []
+    clip = types.SimpleNamespace(tokenizer=tokenizer, tokenize=tokenizer.tokenize_with_weights,
+                                 encode_from_tokens_scheduled=lambda t: encoded.append(t) or "cond")
+    inner = tokenizer.clip_l
+    prompt = "(a red vintage car:1.3) parked " + " ".join(f"word{i}" for i in range(60))
+    suffix = "Full HD, 4K, high quality"
+    out = nodes.PromptTokens_.execute(clip, prompt, suffix).args
+    assert out[0] == "cond"
+    positions = list(out[1].positions)
+    alone = [t for chunk in tokenizer.tokenize_with_weights(prompt)["l"] for t, *_ in chunk
+             if t not in (inner.start_token, inner.end_token)]
+    flat = [t for chunk in encoded[0]["l"] for t, *_ in chunk]
+    assert len(encoded[0]["l"]) >= 2, "the test prompt must span two chunks"
+    assert len(positions) == len(alone) + 1
+    assert [flat[p] for p in positions[:-1]] == alone
+    assert flat[positions[-1]] == inner.end_token
+    suffix_tokens = [t for t, *_ in tokenizer.tokenize_with_weights(suffix)["l"][0]
+                     if t not in (inner.start_token, inner.end_token)]
+    assert flat[positions[-1] - len(suffix_tokens):positions[-1]] == suffix_tokens
+    assert all(flat[p] not in (inner.start_token, inner.end_token) for p in positions[:-1])
