@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import aligner, decoder, mae
-from . import flux, super_resolution
+from . import aligner, decoder, flux, hd_painter, mae, super_resolution
 
-NODES: list[type[io.ComfyNode]] = [*mae.NODES, *aligner.NODES, *decoder.NODES]
-NODES += flux.NODES
-NODES += super_resolution.NODES
+NODES: list[type[io.ComfyNode]] = [
+    *mae.NODES, *aligner.NODES, *decoder.NODES, *flux.NODES, *hd_painter.NODES, *super_resolution.NODES,
+]
 
 
 class AsukaExtension(ComfyExtension):

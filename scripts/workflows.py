@@ -209,6 +209,53 @@ def hd_painter_2k_graph() -> dict[str, Node]:
 WORKFLOWS["hd_painter_2k"] = (hd_painter_2k_graph, HD_PAINTER_2K_NOTE)
 
 
+HD_PAINTER_NOTE = (
+    "HD-Painter for SD1.5 inpainting (comfyui-asuka): PAIntA + RASG, training-free.\n\n"
+    "Checkpoint: any SD1.5 inpainting model (9-channel UNet), e.g. sd-v1-5-inpainting or "
+    "DreamShaper 8 inpainting (the official HD-Painter default). SD2/SDXL are not supported.\n"
+    "Load an image whose alpha (or a painted mask) marks the hole; describe what goes there in "
+    "'HD-Painter Prompt'.\n\n"
+    "Official settings: 50 steps, 'simple' scheduler, cfg 7.5, RASG eta 0.1 (sigma_mode "
+    "official_code), PAIntA while t > 500. Each RASG step runs a backward pass through the UNet "
+    "(more time and memory than a plain step: see docs/benchmarks.md); for a quick look, plug a "
+    "normal sampler (KSamplerSelect) into SamplerCustom instead and keep PAIntA."
+)
+
+
+def hd_painter_graph() -> dict[str, Node]:
+    """Checkpoint -> HD-Painter Prompt + negative -> InpaintModelConditioning; model -> PAIntA;
+    SamplerCustom with the RASG sampler and the simple schedule -> VAEDecode -> SaveImage."""
+    return {
+        "ckpt": Node("CheckpointLoaderSimple", {"ckpt_name": "sd-v1-5-inpainting.safetensors"}, pos=(0, 0)),
+        "load": Node("LoadImage", {"image": "example.png"}, pos=(0, 180)),
+        "prompt": Node("HDPainter_PromptTokens", {"text": "a red vintage car"},
+                       links={"clip": ("ckpt", 1)}, pos=(400, 0)),
+        "negative": Node("CLIPTextEncode", {"text": "text, bad anatomy, bad proportions, blurry, cropped, "
+                                                    "deformed, disfigured, duplicate, error, low quality, "
+                                                    "worst quality, watermark"},
+                         links={"clip": ("ckpt", 1)}, pos=(400, 220), title="Negative prompt"),
+        "inpaint": Node("InpaintModelConditioning", {"noise_mask": True},
+                        links={"positive": ("prompt", 0), "negative": ("negative", 0), "vae": ("ckpt", 2),
+                               "pixels": ("load", 0), "mask": ("load", 1)}, pos=(800, 180)),
+        "painta": Node("HDPainter_PAIntA", {"end_timestep": 500},
+                       links={"model": ("ckpt", 0), "tokens": ("prompt", 1)}, pos=(800, 0)),
+        "rasg": Node("HDPainter_RASGSampler", {"eta": 0.1, "sigma_mode": "official_code"},
+                     links={"tokens": ("prompt", 1)}, pos=(1200, 360)),
+        "sigmas": Node("BasicScheduler", {"scheduler": "simple", "steps": 50, "denoise": 1.0},
+                       links={"model": ("painta", 0)}, pos=(1200, 520)),
+        "sampler": Node("SamplerCustom", {"add_noise": True, "noise_seed": 1, "cfg": 7.5},
+                        links={"model": ("painta", 0), "positive": ("inpaint", 0), "negative": ("inpaint", 1),
+                               "sampler": ("rasg", 0), "sigmas": ("sigmas", 0),
+                               "latent_image": ("inpaint", 2)}, pos=(1600, 0)),
+        "decode": Node("VAEDecode", links={"samples": ("sampler", 0), "vae": ("ckpt", 2)}, pos=(2000, 0)),
+        "save": Node("SaveImage", {"filename_prefix": "hd_painter"}, links={"images": ("decode", 0)},
+                     pos=(2000, 140)),
+    }
+
+
+WORKFLOWS["hd_painter_sd15"] = (hd_painter_graph, HD_PAINTER_NOTE)
+
+
 # --------------------------------------------------------------------------------------
 
 

@@ -27,6 +27,7 @@ PACK_NODES = (
     "ASUKA_DecoderLoader", "ASUKA_MaskedDecode",
     "ASUKA_FluxConditioning",
     "HDPainter_SRSampler", "ASUKA_PoissonBlend",
+    "HDPainter_PromptTokens", "HDPainter_PAIntA", "HDPainter_RASGSampler",
 )
 
 
