@@ -68,7 +68,7 @@ class TrainAligner(io.ComfyNode):
                 io.Int.Input("batch_size", default=4, min=1, max=64, tooltip="Images per micro-batch."),
                 io.Int.Input("grad_accum", default=1, min=1, max=64, tooltip=(
                     "Micro-batches per optimiser step (effective batch = batch_size x grad_accum).")),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5, tooltip=(
+                io.Float.Input("learning_rate", default=1e-4, min=1e-5, max=1.0, step=1e-5, tooltip=(
                     "AdamW learning rate (after a 500-step warm-up, capped at a tenth of the run). 1e-4 is "
                     "the pack's default; the paper's 5e-2 diverges in our tests.")),
                 io.Int.Input("resolution", default=512, min=64, max=1024, step=64, tooltip=(

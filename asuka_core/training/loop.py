@@ -26,7 +26,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -480,13 +480,13 @@ class AlignerTrainer:
             while self.step < cfg.steps:
                 loss = self.train_step()
                 s = self.step
+                rate = (time.time() - t0) / max(1, s - start)
+                with open(log_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"step": s, "loss": loss, "p": self.history["p"][-1][1],
+                                        "lr": self.optimizer.param_groups[0]["lr"], "s_per_step": rate}) + "\n")
                 if cfg.log_every and (s % cfg.log_every == 0 or s == cfg.steps):
-                    rate = (time.time() - t0) / max(1, s - start)
                     self.log(f"step {s}/{cfg.steps} loss {loss:.5f} p {self.history['p'][-1][1]:.2f} "
                              f"lr {self.optimizer.param_groups[0]['lr']:.3g} ({rate:.2f} s/step)")
-                    with open(log_path, "a", encoding="utf-8") as f:
-                        f.write(json.dumps({"step": s, "loss": loss, "p": self.history["p"][-1][1],
-                                            "lr": self.optimizer.param_groups[0]["lr"], "s_per_step": rate}) + "\n")
                 if cfg.val_every and s % cfg.val_every == 0 and s != cfg.steps:
                     self._validate()
                 if cfg.sample_every and s % cfg.sample_every == 0 and s != cfg.steps:

@@ -5,7 +5,8 @@ channels, ~14 M UNet parameters + the SD VAE):
 * the CLI (``scripts/train_aligner.py``, what ``scripts/host.sh train-aligner`` runs) trains,
   saves, and its aligner file loads and drives the SD1.5 example workflow in the real
   server;
-* the CLI refuses a non-inpainting checkpoint and an unreadable image before training;
+* the CLI refuses a non-inpainting checkpoint before training (the image checks are unit
+  tests);
 * the committed training example (ASUKA_TrainAligner) trains inside the server (under
   ComfyUI's inference mode), its aligner output feeds the SD1.5 graph in the same prompt,
   and Cancel stops a run with a resumable state saved.
@@ -83,13 +84,23 @@ def test_cli_trains_and_its_aligner_drives_the_sd15_example(host, comfy, comfy_d
     assert state["step"] == 1
     aligner = load_aligner(str(aligner_file))
     assert (aligner.target, aligner.width, aligner.depth) == ("sd15", 768, 4)
+    for k, v in aligner.state_dict().items():           # the exported weights are the EMA
+        assert torch.equal(v, state["ema"]["shadow"][k]), k
+    from safetensors import safe_open
+
+    with safe_open(str(aligner_file), "pt") as f:
+        meta = f.metadata()
+    assert meta["asuka.training.steps"] == "1"
+    assert meta["asuka.training.base_model"] == os.path.basename(tiny_checkpoints[9])
+    assert [json.loads(x)["step"] for x in open(run_dir / "log.jsonl")] == [1]
 
     # The file, as it is, in the committed SD1.5 example workflow.
     os.symlink(aligner_file, os.path.join(host.models.folder, aligner_file.name))
     info = comfy.object_info()
     with open(os.path.join(workflows.WORKFLOW_DIR, "asuka_sd15_inpaint.json")) as f:
         prompt = workflows.to_api_prompt(json.load(f), info)
-    picture, mask = make_picture(256, seed=12), box_mask(256)
+    size = 128
+    picture, mask = make_picture(size, seed=12), box_mask(size)
     by_type = {node["class_type"]: node["inputs"] for node in prompt.values()}
     by_type["CheckpointLoaderSimple"]["ckpt_name"] = host.checkpoint
     by_type["LoadImage"]["image"] = comfy.upload_image(picture, mask)
@@ -102,12 +113,12 @@ def test_cli_trains_and_its_aligner_drives_the_sd15_example(host, comfy, comfy_d
     assert result.ok, result.describe()
     save_id = next(k for k, v in prompt.items() if v["class_type"] == "SaveImage")
     out = comfy.image(result, save_id)
-    assert out.shape == (256, 256, 3)
+    assert out.shape == (size, size, 3)
     keep = mask == 0
     assert np.abs(out[keep].astype(int) - picture[keep].astype(int)).max() <= 1
 
 
-def test_cli_refuses_bad_input_before_training(host, comfy_dir, tiny_checkpoints, photos, tmp_path):
+def test_cli_refuses_a_non_inpainting_checkpoint_before_training(host, comfy_dir, tiny_checkpoints, photos, tmp_path):
     mae = os.path.join(host.models.folder, host.models.mae)
     common = ["--mae", mae, "--steps", "2", "--batch-size", "1", "--resolution", str(RES)]
 
@@ -117,17 +128,6 @@ def test_cli_refuses_bad_input_before_training(host, comfy_dir, tiny_checkpoints
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "non-inpainting" in proc.stderr and "9 input channels" in proc.stderr, proc.stderr
     assert not (run_dir / "training_state.pt").exists()
-
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for i in range(3):
-        (broken / f"ok_{i}.png").write_bytes(open(os.path.join(photos, f"photo_{i}.png"), "rb").read())
-    (broken / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a picture")
-    proc = run_cli(comfy_dir, "--checkpoint", tiny_checkpoints[9], "--images", str(broken),
-                   "--out", str(tmp_path / "broken-run"), *common)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Could not read training image" in proc.stderr and "truncated.jpg" in proc.stderr, proc.stderr
-    assert not (tmp_path / "broken-run").exists()
 
 
 def _training_graph(tiny_name: str, mae: str, folder: str, run_name: str, steps: int) -> Graph:
@@ -190,8 +190,8 @@ def test_cancel_stops_training_and_keeps_a_resumable_state(host, comfy, tiny_che
     pid, body = comfy.queue(g.prompt())
     assert pid, body
     t0 = time.time()
-    # The run folder appears with the first log line, after the pre-flight pass and the
-    # first held-out evaluation; give it a few steps more, then cancel.
+    # log.jsonl gets its first line after the pre-flight pass, the first held-out
+    # evaluation and the first step: cancel then.
     while not os.path.isfile(os.path.join(run_dir, "log.jsonl")):
         assert time.time() - t0 < 300, "training never started:\n" + comfy.log_tail()
         time.sleep(0.5)
@@ -202,4 +202,4 @@ def test_cancel_stops_training_and_keeps_a_resumable_state(host, comfy, tiny_che
     assert res.status == "error" and res.interrupted, res.describe()
     assert stopped_after < 60, f"took {stopped_after:.1f}s to stop after /interrupt"
     state = torch.load(os.path.join(run_dir, "training_state.pt"), weights_only=True)
-    assert 10 <= state["step"] < 100_000
+    assert 1 <= state["step"] < 100_000

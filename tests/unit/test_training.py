@@ -1,17 +1,16 @@
 """Aligner training on CPU with tiny models built from ComfyUI's own classes: the epsilon
 loss through ComfyUI's apply_model equals an independent re-derivation, the loss falls,
 resume is bit-identical, gradient checkpointing changes nothing, bad inputs are refused
-before training, and a trained 768-wide aligner exports to a file the pack's loader reads.
+before training.
 
-Loop tests use a narrow aligner (width 64, one block) with a UNet of 64-wide
+The tests use a narrow aligner (width 64, one block) with a UNet of 64-wide
 cross-attention and a cheap stand-in prior (pooled masked pixels through a fixed random
-projection) so they take seconds; the export test uses the real layout (768 wide, four
-blocks) and a small official-format MAE.
+projection) so they take seconds. The real layout (768 wide, four blocks, the MAE prior,
+export and loading, samples) is trained end to end in tests/host/test_host_training.py.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -63,6 +62,19 @@ def make_trainer(models, photos, out_dir, **overrides):
 
 
 # ------------------------------------------------------------------------------ schedules
+
+def test_training_package_imports_no_comfyui():
+    import subprocess
+    import sys
+
+    code = ("import sys, asuka_core.training; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in {'comfy', 'comfy_api', 'folder_paths'}))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tiny_sd.REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", proc.stdout
+
+
 
 def test_substitution_probability_follows_the_paper_schedule():
     from asuka_core.training import substitution_probability as p
@@ -252,43 +264,20 @@ def test_bad_inputs_are_refused_before_training(comfy, photos, tmp_path):
     assert not os.path.exists(tr.state_path)
 
 
-# ------------------------------------------------------------------------------ real layout
+def test_an_interrupted_run_saves_a_resumable_state(comfy, photos, tmp_path):
+    """What Cancel does: the progress callback raises (ComfyUI's bar does on Cancel); the
+    run saves its state at the last finished step and re-raises."""
+    class Cancelled(Exception):
+        pass
 
-def test_768_aligner_trains_exports_and_loads(comfy, photos, tmp_path):
-    """The released layout through the glue (MAE prior, 768-wide UNet context): one step,
-    validation, a sample sheet, the loss curve, and an export that load_aligner reads as
-    an SD1.5 aligner holding exactly the EMA weights."""
-    from asuka_core.aligner import load_aligner
-    from asuka_core.mae import MAE
-    from asuka_core.training import AlignerTrainer, TrainConfig, image_sets
-    from tests.fixtures import mae_files
+    def progress(done, total):
+        if done == 2:
+            raise Cancelled
 
-    mae = MAE.from_state_dict(mae_files.official_mae_state_dict(3, embed_dim=64, depth=1, decoder_dim=512,
-                                                               decoder_depth=6))
-    mp, vae = tiny_sd.tiny_inpaint_patcher(), tiny_sd.tiny_vae()
-    models, device = comfy.frozen_models(mp, vae, mae, sample_steps=2)
-    train, val = image_sets(photos, RES, holdout=0.2, max_holdout=1)
-    cfg = TrainConfig(steps=1, batch_size=1, lr=1e-4, warmup=0, resolution=RES, precision="fp32", val_every=1,
-                      val_timesteps=1, save_every=0, sample_every=0, sample_count=1, log_every=1)
-    tr = AlignerTrainer(cfg, models, train, val, out_dir=str(tmp_path), device=device, log=lambda s: None,
-                        metadata={"asuka.training.base_model": "tiny"})
-    out = tr.run()
-    assert out["steps"] == 1 and len(tr.history["val"]) == 2    # before and after
-    loaded = load_aligner(out["aligner"])
-    assert loaded.target == "sd15" and loaded.width == 768 and loaded.depth == 4
-    for k, v in loaded.state_dict().items():
-        assert torch.equal(v, tr.ema.shadow[k]), k
-    from PIL import Image
-
-    with Image.open(out["loss_curve"]) as im:
-        assert im.size == (900, 500)
-    with Image.open(out["samples"]) as im:
-        assert im.size == (RES, 3 * RES)          # masked input / result / original
-    from safetensors import safe_open
-
-    with safe_open(out["aligner"], "pt") as f:
-        meta = f.metadata()
-    assert meta["asuka.target"] == "sd15" and meta["asuka.training.steps"] == "1"
-    assert meta["asuka.training.base_model"] == "tiny"
-    lines = [json.loads(x) for x in open(tmp_path / "log.jsonl")]
-    assert [x["step"] for x in lines] == [1]
+    models, _ = narrow_models(comfy)
+    tr = make_trainer(models, photos, tmp_path, steps=10, batch_size=1)
+    tr.progress = progress
+    with pytest.raises(Cancelled):
+        tr.run()
+    assert torch.load(tr.state_path, weights_only=True)["step"] == 2
+    assert not os.path.exists(tr.export_path)
