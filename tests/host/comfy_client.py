@@ -28,6 +28,7 @@ PACK_NODES = (
     "ASUKA_AlignerLoader", "ASUKA_AlignerConditioning",
     "ASUKA_DecoderLoader", "ASUKA_MaskedDecode",
 )
+PACK_NODES += ("ASUKA_TrainAligner",)
 
 
 class PromptTimeout(AssertionError):
