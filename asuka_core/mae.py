@@ -371,6 +371,21 @@ class MAE(nn.Module):
     def forward_prepared(self, pixels: torch.Tensor, mask256: torch.Tensor) -> _Outputs:
         """Run on official-format inputs (see ``preprocess``), any batch size."""
         _, dtype = compute_device_dtype(self)
+        features, y, hole, fully = self._features(pixels, mask256)
+        for blk in self.decoder_blocks[FEATURE_BLOCKS:]:
+            y = blk(y, dtype=dtype)
+        image = self._unpatchify(self.decoder_pred(layer_norm(self.decoder_norm, y).to(dtype)).float())
+        mean = image.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = image.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        return _Outputs(features, (image * std + mean).clamp(0.0, 1.0), hole, fully)
+
+    def features_prepared(self, pixels: torch.Tensor, mask256: torch.Tensor) -> torch.Tensor:
+        """Only the prior features ``[B, 256, 512]`` float32 from official-format inputs
+        (the decoder blocks after the feature and the reconstruction are skipped)."""
+        return self._features(pixels, mask256)[0]
+
+    def _features(self, pixels: torch.Tensor, mask256: torch.Tensor):
+        _, dtype = compute_device_dtype(self)
         hole, partial = patch_rules(mask256, dtype)
         fully = hole.all(dim=1)
         x = pixels.to(dtype)
@@ -383,12 +398,7 @@ class MAE(nn.Module):
         # The official encoder yields NaN when no patch is visible and the caller then
         # replaces the feature with zeros; here that is done per image, without NaN.
         features = torch.where(fully[:, None, None], torch.zeros_like(y), y).float()
-        for blk in self.decoder_blocks[FEATURE_BLOCKS:]:
-            y = blk(y, dtype=dtype)
-        image = self._unpatchify(self.decoder_pred(layer_norm(self.decoder_norm, y).to(dtype)).float())
-        mean = image.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = image.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        return _Outputs(features, (image * std + mean).clamp(0.0, 1.0), hole, fully)
+        return features, y, hole, fully
 
     def _encode(self, x: torch.Tensor, hole: torch.Tensor, fully: torch.Tensor,
                 dtype: torch.dtype) -> torch.Tensor:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import aligner, decoder, flux, hd_painter, mae, super_resolution
+from . import aligner, decoder, flux, hd_painter, mae, super_resolution, training
 
 NODES: list[type[io.ComfyNode]] = [
     *mae.NODES, *aligner.NODES, *decoder.NODES, *flux.NODES, *hd_painter.NODES, *super_resolution.NODES,
+    *training.NODES,
 ]
 
 

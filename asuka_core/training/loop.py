@@ -1,0 +1,523 @@
+"""The aligner training loop (pure PyTorch).
+
+The frozen models come in as callables (see :class:`FrozenModels`), so the same loop
+runs behind ComfyUI's loaders (``nodes/training_glue.py``), in a script, or on tiny test
+models. One optimiser step:
+
+1. a batch of training crops, one generated mask each (``asuka_core.masks``), the
+   masked image (hole pixels grey, as ComfyUI's InpaintModelConditioning makes it);
+2. the MAE prior of each image, computed from the visible pixels, or with probability
+   p (``schedule.substitution_probability``) from the whole image (the paper's
+   "reconstruction prior");
+3. ``z0 = latent_in(encode(image))``, a timestep ``t`` uniform over the model's discrete
+   steps, ``sigma = sigmas[t]``, ``x = z0 + sigma * eps``;
+4. ``eps_hat = denoiser(x, sigma, aligner(prior), encode(masked image), mask)`` and the
+   standard epsilon loss ``mean((eps_hat - eps)^2)`` (``x / sqrt(sigma^2 + 1)`` is the DDPM
+   ``sqrt(abar) z0 + sqrt(1 - abar) eps``, so this is the loss SD1.5 was trained with);
+5. backward into the aligner only, gradient accumulation, clipping, AdamW, EMA.
+
+All randomness of step ``s`` is drawn from generators seeded with ``(seed, s)``, so a run
+resumed from a saved state continues exactly as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..aligner import MAE_WIDTH, TARGET_SD15, TARGET_WIDTHS, Aligner, save_aligner
+from ..errors import CheckpointError, InputError
+from ..mae import preprocess
+from ..masks import MaskGenerator
+from ..runtime import Progress, report
+from .data import ImageSet
+from .ema import EMA
+from .plot import loss_curve_png, sample_grid_png
+from .schedule import learning_rate, substitution_probability
+
+STATE_FORMAT = "asuka-aligner-training"
+STATE_VERSION = 1
+PRECISIONS = ("fp32", "bf16", "fp16")
+# Settings that decide which images, masks, noise and timesteps a step sees: a resumed
+# run must keep them, or it would not continue the same run.
+_RESUME_FIXED = ("batch_size", "grad_accum", "seed", "resolution", "holdout_seed", "hole_ratio",
+                 "p_start", "p_end", "p_steps")
+
+Encode = Callable[[torch.Tensor], torch.Tensor]
+"""IMAGE ``[B, H, W, 3]`` 0..1 -> raw VAE latent ``[B, 4, H/8, W/8]`` (no grad needed)."""
+Denoiser = Callable[..., torch.Tensor]
+"""``denoiser(x, sigma, context, masked_latent, mask) -> eps_hat``: ``x`` ``[B,4,h,w]`` in
+the model's latent space, ``sigma`` ``[B]``, ``context`` ``[B, 256, 768]`` (gradients must
+flow back through it), ``masked_latent`` the raw latent of the masked image, ``mask``
+``[B, H, W]`` 1 = hole."""
+
+
+@dataclass
+class FrozenModels:
+    """What the loop needs from the frozen side."""
+
+    prior: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    """``prior(image, mask) -> [B, 256, 512]`` MAE features (``mae_prior(mae)``); mask 1 = hole."""
+    encode: Encode
+    denoiser: Denoiser
+    sigmas: torch.Tensor                # [T] the denoiser's discrete sigmas, ascending in t
+    latent_in: Callable[[torch.Tensor], torch.Tensor] = lambda z: z   # raw latent -> model space
+    sampler: Optional[Callable[..., torch.Tensor]] = None
+    """Optional ``sampler(context, image, mask, seed) -> IMAGE``: the inpainting graph's
+    result with these aligner tokens (for the sample images)."""
+    latent_channels: int = 4
+    prepare: Optional[Callable[[], None]] = None
+    """Called before each step and evaluation (e.g. to have ComfyUI put the frozen
+    models back on the GPU if something else was loaded meanwhile)."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 20000
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup: int = 500
+    lr_final: float = 1.0               # 1 = constant after warm-up; < 1 = cosine to lr * lr_final
+    weight_decay: float = 0.01
+    betas: tuple = (0.9, 0.999)
+    max_grad_norm: float = 1.0          # 0 = no clipping
+    ema_decay: float = 0.999
+    p_start: float = 1.0
+    p_end: float = 0.1
+    p_steps: int = 2000
+    resolution: int = 512
+    hole_ratio: tuple = (0.1, 0.75)
+    seed: int = 0
+    holdout_seed: int = 0
+    precision: str = "bf16"
+    val_every: int = 500
+    val_timesteps: int = 4              # timesteps per held-out image, evenly spread
+    save_every: int = 1000
+    sample_every: int = 1000
+    sample_count: int = 4
+    log_every: int = 10
+
+    def check(self) -> None:
+        problems = []
+        for name in ("steps", "batch_size", "grad_accum"):
+            if int(getattr(self, name)) < 1:
+                problems.append(f"{name} must be at least 1 (got {getattr(self, name)})")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            problems.append(f"lr must be a positive number (got {self.lr})")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
+        if not 0.0 <= self.ema_decay < 1.0:
+            problems.append(f"ema_decay must be in [0, 1) (got {self.ema_decay})")
+        for name in ("p_start", "p_end"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"{name} must be in [0, 1] (got {getattr(self, name)})")
+        if self.resolution < 64 or self.resolution % 64:
+            problems.append(f"resolution must be a multiple of 64 (got {self.resolution})")
+        if problems:
+            raise InputError("Training settings: " + "; ".join(problems) + ".")
+
+
+def new_aligner(seed: int = 0, *, width: int = TARGET_WIDTHS[TARGET_SD15], depth: int = 4) -> Aligner:
+    """A freshly initialised SD1.5 aligner (the released layout: Linear 512 -> 768, four
+    single-stream blocks, LayerNorm), float32 on the CPU. Linear layers get PyTorch's
+    default initialisation, the q/k norm scales 1, the final LayerNorm (1, 0)."""
+    model = Aligner(width, depth, TARGET_SD15)
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.LayerNorm)):
+                m.reset_parameters()
+        for name, p in model.named_parameters():
+            if name.endswith(".scale"):
+                with torch.no_grad():
+                    p.fill_(1.0)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    return model.train()
+
+
+def mae_prior(mae: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The frozen MAE (``asuka_core.mae.MAE``) as a prior function: the official
+    preprocessing (256x256 squash, hole pixels blanked) and the features after decoder
+    block 6, computed wherever the MAE currently is."""
+    @torch.no_grad()
+    def prior(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        dev = next(mae.parameters()).device
+        pixels, mask256 = preprocess(images.to(dev), masks.to(dev))
+        return mae.features_prepared(pixels, mask256)
+
+    return prior
+
+
+def _rng_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across runs and platforms)."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0]
+               >> np.uint64(1))
+
+
+def masked_image(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Hole pixels (mask rounded to 1) set to 0.5 grey, as InpaintModelConditioning does."""
+    keep = (1.0 - mask.round()).unsqueeze(-1)
+    return (image - 0.5) * keep + 0.5
+
+
+class AlignerTrainer:
+    """Trains an SD1.5 aligner. ``run()`` trains to ``config.steps``; ``resume(path)``
+    first restores a state written by ``save_state``."""
+
+    def __init__(self, config: TrainConfig, models: FrozenModels, train_set: ImageSet, val_set: ImageSet, *,
+                 out_dir: str, device: torch.device | str = "cpu", aligner: Aligner | None = None,
+                 object_masks=None, progress: Progress = None, log: Callable[[str], None] = print,
+                 export_name: str = "asuka_sd15_aligner.safetensors", metadata: dict | None = None):
+        config.check()
+        if len(train_set) == 0 or len(val_set) == 0:
+            raise InputError("Training needs at least one training and one held-out image.")
+        self.config = config
+        self.models = models
+        self.train_set, self.val_set = train_set, val_set
+        self.device = torch.device(device)
+        self.out_dir = out_dir
+        self.progress = progress
+        self.log = log
+        self.export_name = export_name
+        self.metadata = dict(metadata or {})
+        self.aligner = (aligner if aligner is not None else new_aligner(config.seed)).to(self.device).float()
+        self.aligner.requires_grad_(True).train()
+        if self.aligner.target != TARGET_SD15:
+            raise CheckpointError(f"Can only train an SD1.5 aligner (target sd15); got {self.aligner}.")
+        res = config.resolution
+        self.masks = MaskGenerator(res, seed=config.seed, hole_ratio=tuple(config.hole_ratio),
+                                   object_masks=object_masks)
+        self.val_masks = MaskGenerator(res, seed=config.seed + 1, hole_ratio=tuple(config.hole_ratio),
+                                       object_masks=self.masks.object_masks or None)
+        decay, no_decay = [], []
+        for name, p in self.aligner.named_parameters():
+            (decay if p.ndim >= 2 else no_decay).append(p)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=config.lr, betas=tuple(config.betas))
+        self.ema = EMA(self.aligner, config.ema_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
+        self.step = 0
+        self.history: dict[str, list] = {"train": [], "val": [], "p": []}
+        self._last_saved = -1
+        self._eval_aligner: Aligner | None = None
+
+    # ---------------------------------------------------------------------- batches
+
+    def _autocast(self):
+        if self.config.precision == "fp32":
+            return torch.autocast(self.device.type, enabled=False)
+        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    @torch.no_grad()
+    def _prior(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        return self.models.prior(images, masks).float().to(self.device)
+
+    @torch.no_grad()
+    def _latents(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        both = self.models.encode(torch.cat([images, masked_image(images, masks)]))
+        z0_raw, masked = both.float().to(self.device).chunk(2)
+        return self.models.latent_in(z0_raw).float(), masked
+
+    def _prepare(self) -> None:
+        if self.models.prepare is not None:
+            self.models.prepare()
+
+    def _micro_batch(self, step: int, micro: int) -> dict:
+        cfg = self.config
+        b = cfg.batch_size
+        first = (step * cfg.grad_accum + micro) * b          # global sample number
+        rng = np.random.default_rng([cfg.seed, step, micro, 1])
+        picks = rng.integers(0, len(self.train_set), size=b)
+        images = torch.stack([self.train_set.sample(int(i), seed=_rng_seed(cfg.seed, first + k))
+                              for k, i in enumerate(picks)])
+        masks = self.masks.batch(range(first, first + b))
+        p = substitution_probability(step, cfg.p_start, cfg.p_end, cfg.p_steps)
+        substitute = torch.from_numpy(rng.random(b) < p)
+        gen = torch.Generator().manual_seed(_rng_seed(cfg.seed, step, micro, 2))
+        t = torch.randint(0, len(self.models.sigmas), (b,), generator=gen)
+        return {"images": images, "masks": masks, "substitute": substitute, "t": t, "gen": gen, "p": p}
+
+    def _inputs(self, images, masks, prior_masks):
+        """What the frozen models give for a batch: prior features, z0, masked-image latent."""
+        features = self._prior(images, prior_masks)
+        z0, masked = self._latents(images, masks)
+        return features, z0, masked
+
+    def _loss_from(self, aligner: Aligner, inputs, masks, t, noise):
+        features, z0, masked = inputs
+        noise = noise.to(self.device)
+        sigma = self.models.sigmas.to(self.device, torch.float32)[t.to(self.device)]
+        x = z0 + sigma.view(-1, 1, 1, 1) * noise
+        with self._autocast():
+            context = aligner(features)
+            eps_hat = self.models.denoiser(x, sigma, context, masked, masks.to(self.device))
+        return F.mse_loss(eps_hat.float(), noise)
+
+    def _loss(self, aligner: Aligner, images, masks, prior_masks, t, noise_gen=None, noise=None):
+        inputs = self._inputs(images, masks, prior_masks)
+        if noise is None:
+            noise = torch.randn(inputs[1].shape, generator=noise_gen)
+        return self._loss_from(aligner, inputs, masks, t, noise)
+
+    # ---------------------------------------------------------------------- checks
+
+    def preflight(self) -> None:
+        """One tiny forward pass (no update) that turns wiring problems into clear errors
+        before any training: latent shape, denoiser output, MAE feature width."""
+        cfg = self.config
+        self._prepare()
+        image = self.val_set.sample(0)[None]
+        mask = self.val_masks(0)[None]
+        feats = self._prior(image, mask)
+        if tuple(feats.shape[1:]) != (256, MAE_WIDTH):
+            raise CheckpointError(f"The MAE gives features {list(feats.shape)}; the aligner needs [B,256,{MAE_WIDTH}].")
+        z0, masked = self._latents(image, mask)
+        lat = cfg.resolution // 8
+        if tuple(z0.shape[1:]) != (self.models.latent_channels, lat, lat):
+            raise CheckpointError(
+                f"The VAE gives latents {list(z0.shape)} for a {cfg.resolution} px image; an SD1.5 VAE gives "
+                f"[B,4,{lat},{lat}]. Use the VAE of the SD1.5 inpainting checkpoint.")
+        try:
+            with torch.no_grad():
+                out = self._loss(self.aligner, image, mask, mask, torch.zeros(1, dtype=torch.long),
+                                 noise=torch.zeros_like(z0))
+        except (InputError, CheckpointError):
+            raise
+        except Exception as e:
+            raise CheckpointError(
+                f"The inpainting model failed on a test batch ({type(e).__name__}: {e}). It must be an SD1.5 "
+                "inpainting UNet (9 input channels, 768-wide cross-attention).") from e
+        if not torch.isfinite(out):
+            raise CheckpointError("The inpainting model gives non-finite output on a test batch; "
+                                  "try precision fp32 or another checkpoint.")
+
+    # ---------------------------------------------------------------------- training
+
+    def train_step(self) -> float:
+        cfg = self.config
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.step, cfg.lr, warmup=cfg.warmup, total=cfg.steps, final=cfg.lr_final)
+        self.optimizer.zero_grad(set_to_none=True)
+        self._prepare()
+        total, p = 0.0, 0.0
+        for micro in range(cfg.grad_accum):
+            mb = self._micro_batch(self.step, micro)
+            p = mb["p"]
+            prior_masks = torch.where(mb["substitute"][:, None, None], torch.zeros_like(mb["masks"]), mb["masks"])
+            loss = self._loss(self.aligner, mb["images"], mb["masks"], prior_masks, mb["t"], noise_gen=mb["gen"])
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"The loss became {loss.item()} at step {self.step}: the learning rate ({cfg.lr}) is probably "
+                    "too high. Resume from the last saved state with a lower one.")
+            scaled = loss / cfg.grad_accum
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            total += float(loss.detach()) / cfg.grad_accum
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.aligner.parameters(), cfg.max_grad_norm)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.ema.update(self.aligner)
+        self.history["train"].append((self.step, total))
+        self.history["p"].append((self.step, p))
+        self.step += 1
+        return total
+
+    def ema_aligner(self) -> Aligner:
+        """A copy of the aligner holding the EMA weights (what is exported)."""
+        if self._eval_aligner is None:
+            self._eval_aligner = new_aligner(0, width=self.aligner.width, depth=self.aligner.depth).to(self.device)
+        self.ema.copy_to(self._eval_aligner)
+        return self._eval_aligner.eval()
+
+    @torch.no_grad()
+    def validation_loss(self, aligner: Aligner | None = None) -> float:
+        """Mean epsilon loss over the held-out images, each with a fixed mask, fixed
+        noise and ``val_timesteps`` evenly spread timesteps, with the real (masked) prior.
+        The same numbers every time: comparable across the run."""
+        aligner = aligner or self.ema_aligner()
+        self._prepare()
+        cfg, n_t = self.config, max(1, self.config.val_timesteps)
+        steps = len(self.models.sigmas)
+        total, count = 0.0, 0
+        for i in range(len(self.val_set)):
+            image, mask = self.val_set.sample(i)[None], self.val_masks(i)[None]
+            inputs = self._inputs(image, mask, mask)   # once per image, reused for every timestep
+            gen = torch.Generator().manual_seed(_rng_seed(cfg.seed, 10_000_019, i))
+            for k in range(n_t):
+                t = torch.tensor([int((k + 0.5) * steps / n_t)])
+                noise = torch.randn(inputs[1].shape, generator=gen)
+                total += float(self._loss_from(aligner, inputs, mask, t, noise))
+                count += 1
+        return total / count
+
+    def write_samples(self, name: str) -> Optional[str]:
+        if self.models.sampler is None:
+            return None
+        n = min(self.config.sample_count, len(self.val_set))
+        images = self.val_set.batch(range(n))
+        masks = self.val_masks.batch(range(n))
+        with torch.no_grad():
+            context = self.ema_aligner()(self._prior(images, masks))
+            result = self.models.sampler(context, images, masks, self.config.seed)
+        keep = (1.0 - masks.round()).unsqueeze(-1)
+        shown = images * keep + (1 - keep) * torch.tensor([1.0, 0.0, 1.0])  # hole in magenta
+        os.makedirs(os.path.join(self.out_dir, "samples"), exist_ok=True)
+        path = os.path.join(self.out_dir, "samples", f"{name}.png")
+        sample_grid_png(path, [shown, result.float().cpu(), images])
+        return path
+
+    # ---------------------------------------------------------------------- files
+
+    @property
+    def state_path(self) -> str:
+        return os.path.join(self.out_dir, "training_state.pt")
+
+    @property
+    def export_path(self) -> str:
+        return os.path.join(self.out_dir, self.export_name)
+
+    def save_state(self, path: str | None = None) -> str:
+        path = path or self.state_path
+        state = {
+            "format": STATE_FORMAT, "version": STATE_VERSION, "step": self.step,
+            "config": json.dumps(asdict(self.config)),
+            "aligner": {k: v.detach().cpu().clone() for k, v in self.aligner.state_dict().items()},
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "history": json.dumps(self.history),
+        }
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = path + ".tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+        self._last_saved = self.step
+        return path
+
+    def resume(self, path: str | None = None) -> None:
+        """Restore a state written by ``save_state`` (loaded with ``weights_only=True``:
+        no code from the file runs)."""
+        path = path or self.state_path
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise InputError(f"No training state at '{path}' to resume from.") from None
+        except Exception as e:
+            raise CheckpointError(f"Could not read the training state '{path}': {e}") from None
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise CheckpointError(f"'{path}' is not an ASUKA aligner training state.")
+        saved = json.loads(state["config"])
+        changed = [f"{k} {saved[k]} -> {getattr(self.config, k)}" for k in _RESUME_FIXED
+                   if k in saved and _norm(saved[k]) != _norm(getattr(self.config, k))]
+        if changed:
+            raise InputError(
+                "These settings differ from the run being resumed, so it could not continue the same way: "
+                + ", ".join(changed) + ". Use the original values (or start a new run in a new folder).")
+        self.aligner.load_state_dict(state["aligner"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.history = {k: [tuple(x) for x in v] for k, v in json.loads(state["history"]).items()}
+        self._last_saved = self.step
+
+    def export(self, path: str | None = None) -> str:
+        """Write the EMA weights as an SD1.5 aligner (.safetensors, ``asuka.target = sd15``)
+        that ASUKA_AlignerLoader loads as it is."""
+        path = path or self.export_path
+        meta = {"asuka.training.steps": str(self.step),
+                "asuka.training.images": str(len(self.train_set)),
+                "asuka.training.resolution": str(self.config.resolution),
+                "asuka.training.lr": repr(self.config.lr),
+                **{k: str(v) for k, v in self.metadata.items()}}
+        if self.history["val"]:
+            meta["asuka.training.val_loss"] = f"{self.history['val'][-1][1]:.6g}"
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.ema.shadow.items()}
+        tmp = path + ".tmp.safetensors"
+        save_aligner(tensors, tmp, target=TARGET_SD15, metadata=meta)
+        os.replace(tmp, path)
+        return path
+
+    def write_curve(self) -> str:
+        path = os.path.join(self.out_dir, "loss.png")
+        loss_curve_png(path, self.history["train"], self.history["val"])
+        return path
+
+    # ---------------------------------------------------------------------- run
+
+    def run(self) -> dict:
+        """Train from the current step to ``config.steps``; validate, save, sample and
+        export as configured. Interrupted (Cancel, Ctrl-C, an error), it saves the
+        state first so the run can be resumed."""
+        cfg = self.config
+        os.makedirs(self.out_dir, exist_ok=True)
+        self.preflight()
+        if not self.history["val"] and cfg.val_every > 0:
+            self._validate()
+        log_path = os.path.join(self.out_dir, "log.jsonl")
+        t0, start = time.time(), self.step
+        try:
+            while self.step < cfg.steps:
+                loss = self.train_step()
+                s = self.step
+                rate = (time.time() - t0) / max(1, s - start)
+                with open(log_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"step": s, "loss": loss, "p": self.history["p"][-1][1],
+                                        "lr": self.optimizer.param_groups[0]["lr"], "s_per_step": rate}) + "\n")
+                if cfg.log_every and (s % cfg.log_every == 0 or s == cfg.steps):
+                    self.log(f"step {s}/{cfg.steps} loss {loss:.5f} p {self.history['p'][-1][1]:.2f} "
+                             f"lr {self.optimizer.param_groups[0]['lr']:.3g} ({rate:.2f} s/step)")
+                if cfg.val_every and s % cfg.val_every == 0 and s != cfg.steps:
+                    self._validate()
+                if cfg.sample_every and s % cfg.sample_every == 0 and s != cfg.steps:
+                    self.write_samples(f"step_{s:06d}")
+                if cfg.save_every and s % cfg.save_every == 0:
+                    self.save_state()
+                    self.export()
+                    self.write_curve()
+                report(self.progress, s, cfg.steps)
+        except BaseException:
+            if self.step > start and self._last_saved != self.step:
+                self.save_state()
+                self.log(f"stopped at step {self.step}; state saved to {self.state_path} (resume with it)")
+            raise
+        if cfg.val_every:
+            self._validate()
+        self.save_state()
+        export = self.export()
+        samples = self.write_samples(f"step_{self.step:06d}")
+        curve = self.write_curve()
+        return {"aligner": export, "state": self.state_path, "loss_curve": curve, "samples": samples,
+                "steps": self.step, "train_loss": self.history["train"][-1][1] if self.history["train"] else None,
+                "val_loss": self.history["val"][-1][1] if self.history["val"] else None,
+                "seconds": time.time() - t0}
+
+    def _validate(self) -> float:
+        v = self.validation_loss()
+        self.history["val"].append((self.step, v))
+        self.log(f"step {self.step}: held-out loss {v:.5f} ({len(self.val_set)} images)")
+        return v
+
+
+def _norm(v):
+    return list(v) if isinstance(v, (list, tuple)) else v
