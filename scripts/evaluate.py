@@ -55,7 +55,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, REPO)
 
-from comfy_api import ComfyAPI, png_bytes  # noqa: E402
+from comfy_http import ComfyAPI, png_bytes  # noqa: E402
 from workflows import to_api_prompt  # noqa: E402
 
 from asuka_core import metrics  # noqa: E402

@@ -1,7 +1,7 @@
 """A small HTTP client for a real ComfyUI server, for the host tests.
 
 The HTTP part (queue a prompt, wait for its history entry, upload, interrupt) is
-``scripts/comfy_api.py``, shared with the scripts; this adds what the tests need: upload
+``scripts/comfy_http.py``, shared with the scripts; this adds what the tests need: upload
 an image (+ mask as its alpha channel), read the saved images back as numpy arrays, and
 read the server's memory use and log.
 """
@@ -15,7 +15,7 @@ import uuid
 import numpy as np
 from PIL import Image
 
-from scripts.comfy_api import ComfyAPI, PromptTimeout, Result, png_bytes  # noqa: F401  (re-exported for the tests)
+from scripts.comfy_http import ComfyAPI, PromptTimeout, Result, png_bytes  # noqa: F401  (re-exported for the tests)
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -165,3 +165,14 @@ def test_node_error_is_reported_and_server_keeps_running(comfy, host):
     res2 = comfy.run(mae_prior_graph(host, good, unique("after-error")).prompt(), timeout=300)
     assert res2.ok, res2.describe()
     assert comfy.alive()
+
+
+def test_scripts_folder_shadows_no_comfyui_module(comfy_dir):
+    """Scripts and tests put ``scripts/`` first on ``sys.path``; a file there named like one of
+    ComfyUI's top-level modules or packages (``comfy_api``, ``nodes``, ``utils`` …) would
+    replace it in that process and break every in-process ComfyUI import."""
+    comfy_top = {os.path.splitext(n)[0] for n in os.listdir(comfy_dir)
+                 if n.endswith(".py") or os.path.isfile(os.path.join(comfy_dir, n, "__init__.py"))
+                 or (os.path.isdir(os.path.join(comfy_dir, n)) and not n.startswith("."))}
+    ours = {os.path.splitext(n)[0] for n in os.listdir(os.path.join(REPO, "scripts")) if n.endswith(".py")}
+    assert not ours & comfy_top, sorted(ours & comfy_top)
