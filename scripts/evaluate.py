@@ -425,8 +425,9 @@ def _progress(total: int, disabled: bool):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    # the metrics are many small tensor operations: one thread is as fast, and does not fight
-    # a server on the same machine for the cores (benchmarks/bench_metrics.py)
+    # scoring takes a fraction of a second per pair (benchmarks/bench_metrics.py: 0.36 s on one
+    # thread, 0.28 s on two, 512² on an idle 2-core CPU), negligible beside sampling; one
+    # thread leaves the other cores to a server running on the same machine
     torch.set_num_threads(1)
     out = os.path.abspath(args.out)
     for sub in ("inputs", "masks", "results"):
