@@ -76,8 +76,8 @@ def _frontend_ready() -> str | None:
 
 @pytest.mark.parametrize("name", sorted(workflows.WORKFLOWS))
 def test_real_frontend_loads_example(host, name):
-    """ComfyUI's own frontend (1.32.9, headless Chromium) loads the workflow and knows every
-    node type in it."""
+    """ComfyUI's own frontend (the one the host pins: 1.32.9 on ComfyUI 0.3.75, 1.48.7 on
+    0.33.0; headless Chromium) loads the workflow and knows every node type in it."""
     reason = _frontend_ready()
     if reason:
         pytest.skip(reason)
