@@ -10,8 +10,14 @@ WEB_DIRECTORY = "./web"
 
 
 async def comfy_entrypoint():
-    from .nodes import AsukaExtension
-    from .nodes.common import register_model_folder
+    from .compat import load_error, warn_if_changed
+
+    warn_if_changed()   # one warning naming what changed, if this ComfyUI differs from the tested ones
+    try:
+        from .nodes import AsukaExtension
+        from .nodes.common import register_model_folder
+    except (ImportError, AttributeError) as e:
+        raise ImportError(load_error(e)) from e
 
     register_model_folder()
     return AsukaExtension()

@@ -1,4 +1,5 @@
-"""Host tier: a real ComfyUI 0.3.75 server (subprocess, CPU) driven over HTTP.
+"""Host tier: a real ComfyUI server (0.3.75, or 0.33.0 with ``ASUKA_COMFY=0.33.0``;
+subprocess, CPU) driven over HTTP.
 
 One server per pytest session. It runs from ``$ASUKA_COMFY_DIR`` (``scripts/host.sh test``
 sets it; without it every host test is skipped) with:
@@ -12,7 +13,9 @@ sets it; without it every host test is skipped) with:
 * ``checkpoints:`` -> ``$ASUKA_HOST_CACHE/models/checkpoints`` holding the random SD1.5
   inpainting checkpoint (``tests/fixtures/sd15_checkpoint.py``);
 * temporary input / output / temp / user folders and an in-memory database, so nothing is
-  written into the shared ComfyUI tree.
+  written into the shared ComfyUI tree;
+* the flag that keeps it offline as ``scripts/host.sh`` read it from the tree
+  (``$ASUKA_COMFY_OFFLINE_FLAG``: ``--disable-api-nodes`` up to 0.33.0, ``--offline`` later).
 
 The server log is kept in a file (``HostServer.log_path``); fixtures that fail show its tail.
 """
@@ -214,7 +217,8 @@ def host_server(comfy_dir, host_cache, sd15_checkpoint, tmp_path_factory) -> Hos
     port = _free_port()
     log_path = os.path.join(base, "server.log")
     cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-           "--disable-auto-launch", "--disable-api-nodes", "--use-pytorch-cross-attention",
+           "--disable-auto-launch", os.environ.get("ASUKA_COMFY_OFFLINE_FLAG", "--disable-api-nodes"),
+           "--use-pytorch-cross-attention",
            "--database-url", "sqlite:///:memory:", "--extra-model-paths-config", yaml_path,
            "--output-directory", dirs["output"], "--input-directory", dirs["input"],
            "--temp-directory", dirs["temp"], "--user-directory", dirs["user"]]

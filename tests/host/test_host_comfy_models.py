@@ -300,6 +300,9 @@ def test_untiled_decode_reports_progress_and_stops_on_cancel(comfy, monkeypatch)
     node, patcher, kwargs = _decode_node(comfy, 8)
     updates = []
     monkeypatch.setattr(comfy_utils, "PROGRESS_BAR_HOOK", lambda value, total, *a, **k: updates.append((value, total)))
+    # ComfyUI 0.33.0 drops updates less than 100 ms / 0.5 % apart: count every one here
+    monkeypatch.setattr(comfy_utils, "PROGRESS_THROTTLE_MIN_INTERVAL", 0.0, raising=False)
+    monkeypatch.setattr(comfy_utils, "PROGRESS_THROTTLE_MIN_PERCENT", 0.0, raising=False)
     node.execute(**kwargs)
     model = patcher.model
     assert len(updates) == model.stages and updates[-1][0] == updates[-1][1]   # one decode, several steps
@@ -350,7 +353,8 @@ def test_image_not_multiple_of_8_is_cropped_as_vae_encode_does(comfy):
     mask[:, 5:20, 10:30] = 1.0
     latent = torch.randn(1, 16, 35 // 8, 45 // 8, generator=g) / 0.3611
     # ComfyUI's own crop rule (VAE.vae_encode_crop_pixels) as the oracle
-    fake_vae = type("V", (), {"crop_input": True, "spacial_compression_encode": lambda self: 8})()
+    fake_vae = type("V", (), {"crop_input": True, "spacial_compression_encode": lambda self: 8,
+                              "output_channels": 3, "pad_channel_value": None})()   # read by ComfyUI >= 0.8
     cropped = VAE.vae_encode_crop_pixels(fake_vae, image)
     cropped_mask = VAE.vae_encode_crop_pixels(fake_vae, mask[..., None])[..., 0]
     assert cropped.shape == (1, 32, 40, 3)
