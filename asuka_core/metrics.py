@@ -485,3 +485,38 @@ def discriminative_scores(real: Array, fake: Array, c: float = 1.0, iters: int =
     u = ((d > 0) != (y > 0)).to(torch.float64).mean().item()
     p = (d[len(r):] > d[:len(r)]).to(torch.float64).mean().item()
     return u, p
+
+
+# ------------------------------------------------------------------------------ CLIP score
+
+def clip_inputs(result: Array, truth: Array, mask: Array) -> tuple[np.ndarray, np.ndarray]:
+    """The two images the MISATO CLIP score compares: the result and the ground truth, each
+    kept only inside the hole (black elsewhere). As the official script, the hole is the
+    pixels whose mask is exactly 255 (``mask // 255`` on the 0..255 grey levels; float
+    masks are 0..1 and rounded). uint8 ``[H, W, 3]`` each."""
+    r = np.asarray(result)
+    g = np.asarray(truth)
+    if r.dtype != np.uint8 or g.dtype != np.uint8 or r.shape != g.shape or r.ndim != 3:
+        raise InputError(f"The CLIP score takes two uint8 RGB images of one size; got {r.dtype} {list(r.shape)} "
+                         f"and {g.dtype} {list(g.shape)}.")
+    m = np.asarray(mask)
+    m = m.astype(np.uint8) * 255 if m.dtype == bool else (
+        m if m.dtype == np.uint8 else np.clip(np.rint(m.astype(np.float64) * 255), 0, 255).astype(np.uint8))
+    if m.shape != r.shape[:2]:
+        raise InputError(f"The mask is {list(m.shape)} but the image is {list(r.shape[:2])}: they must match.")
+    hole = (m // 255)[..., None]
+    return r * hole, g * hole
+
+
+def clip_score(result_features: Array, truth_features: Array) -> float:
+    """Mean over pairs of the cosine similarity between the CLIP image embeddings of
+    ``clip_inputs``' two images, ``[N, D]`` each (pair ``i`` in row ``i``). This is what the
+    official script evidently means: as published it averages each normalised embedding to
+    one number before taking the diagonal of their products, which scores
+    ``mean(a_i) * mean(b_i)`` instead of ``a_i · b_i``."""
+    a, b = _as64(result_features), _as64(truth_features)
+    if a.shape != b.shape or a.ndim != 2:
+        raise InputError(f"The CLIP score needs paired embeddings of one shape; got {list(a.shape)}, {list(b.shape)}.")
+    a = a / torch.linalg.vector_norm(a, dim=1, keepdim=True)
+    b = b / torch.linalg.vector_norm(b, dim=1, keepdim=True)
+    return (a * b).sum(1).mean().item()

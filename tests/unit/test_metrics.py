@@ -438,3 +438,28 @@ def test_metrics_module_needs_no_oracle_or_comfyui():
     proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "", f"asuka_core.metrics imported: {proc.stdout.strip()}"
+
+
+def test_clip_score_is_the_official_scripts_evident_meaning():
+    """Restated with torch as ``cal_clip_score.py`` computes it, its bug (averaging each
+    embedding to a scalar before ``.diagonal()``) removed: the diagonal of the normalised
+    embeddings' products."""
+    rng = np.random.default_rng(8)
+    a, b = rng.normal(0, 1, (6, 768)), rng.normal(0, 1, (6, 768))
+    b[:3] = a[:3] * 2.0 + rng.normal(0, 0.1, (3, 768))
+    ta, tb = torch.tensor(a), torch.tensor(b)
+    ta, tb = ta / ta.norm(dim=-1, keepdim=True), tb / tb.norm(dim=-1, keepdim=True)
+    expected = (ta @ tb.T).diagonal().mean().item()
+    assert metrics.clip_score(a, b) == pytest.approx(expected, rel=1e-12)
+    as_published = (ta.mean(1)[:, None] @ tb.mean(1)[None]).diagonal().mean().item()
+    assert abs(as_published) < 1e-3 < expected        # the published script's number means nothing
+    # the images compared: the hole only, where the mask is exactly 255
+    result, truth, _ = PAIRS[0]
+    mask = np.zeros(truth.shape[:2], np.uint8)
+    mask[10:40, 10:50] = 255
+    mask[10:40, 50] = 254
+    r, g = metrics.clip_inputs(result, truth, mask)
+    assert (r[10:40, 10:50] == result[10:40, 10:50]).all() and (g[10:40, 10:50] == truth[10:40, 10:50]).all()
+    assert r[:, 50:].max() == 0 and g[:10].max() == 0
+    r2, _ = metrics.clip_inputs(result, truth, mask == 255)
+    assert (r2 == r).all()
