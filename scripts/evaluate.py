@@ -281,6 +281,7 @@ def dispatch(jobs: list, servers: list, attempt, record) -> None:
                 tried[j].add(i)
                 if down:
                     alive.discard(i)
+                    print(f"{row['error']}; {len(alive)} server(s) left", file=sys.stderr)
                 if row.get("status") == "ok":
                     record(jobs[j], row)
                 else:
