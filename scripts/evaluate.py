@@ -1,7 +1,8 @@
 """Compare inpainting workflows on your own photos, with numbers.
 
     scripts/host.sh evaluate --workflow A.json [--workflow B.json ...] --images DIR
-                             [--masks DIR | --mask-generator] [--out DIR] [--server URL]
+                             [--masks DIR | --mask-generator] [--out DIR] [--server URL ...]
+                             [--protocol project|misato]
 
 Every workflow runs on every image / mask pair through a ComfyUI server's HTTP API: the
 workflow's ``LoadImage`` nodes get the pair's image with the mask in its alpha channel
@@ -11,7 +12,10 @@ read back and scored. Workflows are the frontend's saved files (``Save`` or ``Ex
 
 Without ``--server`` a CPU server is started from ``--comfy-dir`` (``scripts/host.sh``
 passes its own ComfyUI tree) for the run; with it, any running server is used (a GPU one,
-with your models).
+with your models). Several ``--server`` options spread the pairs over the servers
+(``dispatch``): a pair that fails on one is retried on another, a server that stops
+answering drops out, and the report is the same as from one server.
+``--protocol misato``: the official MISATO evaluation's definitions (docs/evaluation.md).
 
 The report folder (``--out``, default ``eval-report``) gets:
 
