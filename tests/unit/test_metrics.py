@@ -463,3 +463,28 @@ def test_clip_score_is_the_official_scripts_evident_meaning():
     assert r[:, 50:].max() == 0 and g[:10].max() == 0
     r2, _ = metrics.clip_inputs(result, truth, mask == 255)
     assert (r2 == r).all()
+
+
+def test_linear_svm_on_fewer_samples_than_dimensions():
+    """16 samples of 2048-d features (an evaluation of a few photos): the push-through form
+    of the Newton step. At the features' scale it reaches liblinear's optimum; at a scale of
+    1e3 (an uncalibrated net) liblinear stops early and this solver's objective is lower;
+    at 1e8 the Hessian is numerically singular and it still separates the sets."""
+    from sklearn.svm import LinearSVC
+
+    real, fake = _feature_sets(8, 2048, 0.5, 6)
+    y = np.r_[np.ones(8), -np.ones(8)]
+
+    def objective(x, w):
+        z = np.hstack([x, np.ones((len(x), 1))]) @ w
+        return 0.5 * w @ w + np.sum(np.maximum(0, 1 - y * z) ** 2)
+
+    for scale in (1.0, 1e3):
+        x = np.concatenate([real, fake]).astype(np.float64) * scale
+        w = metrics.linear_svm(x, y).numpy()
+        ref = LinearSVC(dual=False, tol=1e-12, max_iter=10000).fit(x, y > 0)
+        ref_w = np.r_[ref.coef_[0], ref.intercept_]
+        if scale == 1.0:
+            np.testing.assert_allclose(x @ w[:-1] + w[-1], ref.decision_function(x), rtol=0, atol=1e-6)
+        assert objective(x, w) <= objective(x, ref_w) * (1 + 1e-9)
+    assert metrics.discriminative_scores(real * 1e8, fake * 1e8) == (0.0, 0.0)
