@@ -137,3 +137,46 @@ def test_a_server_killed_mid_run_loses_nothing(servers, inputs, one_server, tmp_
     assert again.returncode == 0, again.stderr
     assert f"resuming: {len(PHOTOS)} pairs already scored" in again.stderr
     assert _rows(out) == (rows, summary)
+
+
+def test_misato_protocol_end_to_end(servers, inputs, tmp_path):
+    """Grey masks kept as given, Grad blended by them, 3-decimal summary, FID from the
+    Inception file passed, IDS explained when there are fewer pairs than the PCA needs."""
+    import numpy as np
+    import torch
+    import torchvision
+
+    from asuka_core import metrics
+
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for k, name in enumerate(PHOTOS):
+        m = np.zeros((96, 96), np.uint8)
+        m[20 + k:70, 15:60 + k] = 255
+        m[20 + k:70, 60 + k:64 + k] = 90 + 20 * k          # an anti-aliased band of grey
+        Image.fromarray(m).save(masks / f"{name}.png")
+    torch.manual_seed(0)
+    net = torchvision.models.inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=True)
+    torch.save(net.state_dict(), tmp_path / "inception.pth")
+    out = tmp_path / "report"
+    proc = _evaluate(["--protocol", "misato", "--size", "96", "--workflow", str(inputs / "blur.json"),
+                      "--images", str(inputs / "images"), "--masks", str(masks), "--out", str(out),
+                      "--inception-weights", str(tmp_path / "inception.pth"), "--server", servers[0].url])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(out / "per_image.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(PHOTOS)
+    for r in rows:
+        grey = np.asarray(Image.open(out / "masks" / f"{r['image']}.png"))
+        assert grey.dtype == np.uint8 and len(np.unique(grey)) == 3          # kept as given
+        truth = np.asarray(Image.open(out / "inputs" / f"{r['image']}.png"))
+        result = np.asarray(Image.open(out / "results" / "blur" / f"{r['image']}.png"))
+        assert float(r["grad"]) == pytest.approx(metrics.grad(result, truth, grey, soft=True), abs=2e-6)
+        assert abs(float(r["grad"]) - metrics.grad(result, truth, grey)) > 1e-3       # not the binarised one
+        assert float(r["psnr"]) == pytest.approx(metrics.psnr(result, truth, grey), abs=2e-6)
+    md = (out / "summary.md").read_text()
+    assert "Protocol: MISATO" in md and "FID ↓" in md
+    assert "U-IDS/P-IDS not computed: the MISATO protocol reduces the features to 96 dimensions" in md
+    table = [line for line in md.splitlines() if line.startswith("| blur")]
+    m, lo, hi = metrics.mean_interval([float(r["psnr"]) for r in rows])
+    assert f"| blur | {len(PHOTOS)} | {m:.3f} [{lo:.3f}, {hi:.3f}] |" in table[0]
