@@ -162,11 +162,14 @@ def _sobel(x: torch.Tensor, border: str) -> tuple[torch.Tensor, torch.Tensor]:
     return gx, gy
 
 
-def mask_boundary(mask: Array) -> torch.Tensor:
-    """The mask's boundary pixels exactly as OpenCV's ``Canny(mask_0_255, 100, 200)`` marks
-    them (3x3 Sobel, L1 magnitude, non-maximum suppression; on a 0/255 image every non-zero
-    magnitude is above both thresholds, so hysteresis keeps every survivor). Bool ``[H, W]``."""
-    m = binarise(mask).to(torch.float64) * 255.0
+def canny(image: Array, low: float = 100, high: float = 200) -> torch.Tensor:
+    """OpenCV's ``Canny(image, low, high)`` (3x3 Sobel on a replicated border, L1 magnitude,
+    non-maximum suppression, hysteresis) of a one-channel ``[H, W]`` image on the 0..255
+    scale (uint8, or integer values in a float tensor). Bool ``[H, W]``: the edge pixels."""
+    m = _tensor(image).to(torch.float64)
+    if m.ndim != 2:
+        raise InputError(f"Canny needs a one-channel image [height, width]; got shape {list(m.shape)}.")
+    low, high = math.floor(min(low, high)), math.floor(max(low, high))
     dx, dy = _sobel(m[None, None], "replicate")
     dx, dy = dx[0, 0], dy[0, 0]
     mag = dx.abs() + dy.abs()
@@ -188,13 +191,41 @@ def mask_boundary(mask: Array) -> torch.Tensor:
     keep_d_neg = (mag > at(-1, 1)) & (mag > at(1, -1))
     keep_d = torch.where(diag_sign > 0, keep_d_pos, keep_d_neg)
     keep = torch.where(horizontal, keep_h, torch.where(vertical, keep_v, keep_d))
-    return keep & (mag > 100)
+    weak = keep & (mag > low)
+    edges = weak & (mag > high)
+    # hysteresis: weak pixels 8-connected (through weak pixels) to a strong one
+    while True:
+        grown = weak & (F.max_pool2d(edges[None, None].to(torch.float32), 3, stride=1, padding=1)[0, 0] > 0)
+        if torch.equal(grown, edges):
+            return edges
+        edges = grown
 
 
-def grad(result: Array, truth: Array, mask: Array) -> float:
+def mask_boundary(mask: Array, raw: bool = False) -> torch.Tensor:
+    """The mask's boundary pixels exactly as OpenCV's ``Canny(mask_0_255, 100, 200)`` marks
+    them, bool ``[H, W]``: of the binarised mask (default; every non-zero magnitude of a 0/255
+    image is above both thresholds), or with ``raw`` of the mask as given (a grey-level mask
+    rounded to 0..255, as the MISATO Grad script runs Canny on the mask file)."""
+    m = _as64(mask) * 255.0 if raw else binarise(mask).to(torch.float64) * 255.0
+    return canny(torch.round(m) if raw else m)
+
+
+def grad(result: Array, truth: Array, mask: Array, soft: bool = False) -> float:
+    """The boundary gradient score. ``soft`` (the MISATO protocol): the result is blended
+    into the ground truth by the mask's grey level, ``result * m + truth * (1 - m)``, and the
+    boundary is Canny of the mask as given, as the official Grad script does; default: pasted
+    by the binarised mask and the binarised mask's boundary (the same for a 0/1 mask)."""
     gt = _image(truth, "ground truth")
-    pred = paste(result, truth, mask)
-    edges = mask_boundary(_mask(mask, gt.shape[:2]))
+    m = _mask(mask, gt.shape[:2])
+    if soft:
+        r = _image(result, "result")
+        if r.shape != gt.shape:
+            raise InputError(f"The result is {list(r.shape)} but the ground truth is {list(gt.shape)}.")
+        w = (torch.round(m * 255.0) / 255.0)[..., None]
+        pred = r * w + gt * (1 - w)
+    else:
+        pred = paste(result, truth, m)
+    edges = mask_boundary(m, raw=soft)
     if not edges.any():
         return 0.0
     x = torch.cat([pred, gt], -1).movedim(-1, 0)[:, None] * 255.0      # [6, 1, H, W]
@@ -350,32 +381,159 @@ def frechet_distance(real: Array, fake: Array) -> float:
     return (mean_term + (ar * ar).sum() + (af * af).sum() - 2 * cross).item()
 
 
-def discriminative_scores(real: Array, fake: Array, c: float = 1.0, iters: int = 200) -> tuple[float, float]:
-    """(U-IDS, P-IDS) of Co-Mod-GAN, as the ASUKA evaluation computes them: a linear SVM
-    (squared hinge loss, L2 penalty, ``C``, with bias, primal) separates real from fake
-    features; U-IDS is its training misclassification rate, P-IDS the fraction of pairs
-    whose fake scores higher than its real counterpart. ``real[i]`` and ``fake[i]`` are one
-    pair (the ground truth and its inpainted version)."""
-    r, f = _as64(real), _as64(fake)
+def pca_project(x: Array, dim: int, seed: int = 0) -> torch.Tensor:
+    """``x`` ``[N, D]`` centred and projected on ``dim`` principal axes, as scikit-learn's
+    ``PCA(dim, random_state=seed).fit_transform(x)`` computes it with its default solver:
+    when ``dim < 0.8 min(N, D)`` (and ``max(N, D) > 500``) Halko's randomized SVD (``dim``
+    + 10 Gaussian test vectors drawn by ``numpy.random.RandomState(seed)``, 4 power
+    iterations, 7 when ``dim < 0.1 min(N, D)``, each normalised by a pivoted LU, a final QR),
+    otherwise the exact SVD. Computed in the dtype of ``x`` (float32 features stay float32,
+    as scikit-learn keeps them). Axes' signs may differ from scikit-learn's; nothing
+    downstream (a linear SVM with an L2 penalty) depends on them."""
+    t = _tensor(x)
+    t = t.to(torch.float32 if t.dtype == torch.float32 else torch.float64)
+    if t.ndim != 2:
+        raise InputError(f"PCA needs a feature set [N, D]; got shape {list(t.shape)}.")
+    n, d = t.shape
+    if not 1 <= dim <= min(n, d):
+        raise InputError(f"PCA to {dim} dimensions needs at least {dim} samples and features; got {n} x {d} "
+                         f"(the MISATO protocol's IDS at {dim} needs {(dim + 1) // 2} image pairs or more).")
+    a = t - t.mean(0)
+    if max(n, d) <= 500 or dim >= 0.8 * min(n, d):
+        u, sv, _ = torch.linalg.svd(a, full_matrices=False)
+        return u[:, :dim] * sv[:dim]
+    n_iter = 7 if dim < 0.1 * min(n, d) else 4
+    transpose = n < d
+    m = a.t() if transpose else a
+    q = torch.from_numpy(np.random.RandomState(seed).normal(size=(m.shape[1], dim + 10))).to(t.dtype)
+
+    def lu(b: torch.Tensor) -> torch.Tensor:      # the permuted L factor of b = P L U
+        perm, low, _ = torch.linalg.lu(b)
+        return perm @ low
+
+    for _ in range(n_iter):
+        q = lu(m @ q)
+        q = lu(m.t() @ q)
+    q = torch.linalg.qr(m @ q, mode="reduced").Q
+    uhat, sv, vt = torch.linalg.svd(q.t() @ m, full_matrices=False)
+    u = vt[:dim].t() if transpose else (q @ uhat)[:, :dim]
+    return u * sv[:dim]
+
+
+def _spd_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a⁻¹ b`` for a symmetric positive definite ``a``: Cholesky, or LU where rounding made
+    ``a`` numerically indefinite."""
+    low, info = torch.linalg.cholesky_ex(a)
+    if info.item() == 0:
+        return torch.cholesky_solve(b[:, None], low)[:, 0]
+    return torch.linalg.solve(a, b)
+
+
+def linear_svm(x: Array, y: Array, c: float = 1.0, iters: int = 100) -> torch.Tensor:
+    """The L2-regularised squared-hinge linear SVM in its primal, as liblinear solves it for
+    scikit-learn's ``LinearSVC(dual=False)``: minimise ``½|w|² + C Σ max(0, 1 - y_i w·[x_i, 1])²``
+    (the bias is the weight of a constant feature 1 and is penalised too). ``y`` is ±1.
+    Solved to its optimum by Newton's method on the active set (the objective is piecewise
+    quadratic: once the set of margin violators is right, one Newton step is exact) with a
+    backtracking line search. Returns ``w`` ``[D + 1]`` (the bias last), float64."""
+    xb = _as64(x)
+    xb = torch.cat([xb, torch.ones(len(xb), 1, dtype=torch.float64)], 1)
+    yy = _as64(y)
+    w = torch.zeros(xb.shape[1], dtype=torch.float64)
+    eye = torch.eye(xb.shape[1], dtype=torch.float64)
+
+    def objective(v: torch.Tensor) -> float:
+        return (0.5 * v @ v + c * ((1 - yy * (xb @ v)).clamp_min(0) ** 2).sum()).item()
+
+    g0 = None
+    f = objective(w)
+    for _ in range(iters):
+        z = xb @ w
+        active = yy * z < 1
+        xa = xb[active]
+        g = w + 2 * c * xa.t() @ (z[active] - yy[active])
+        gn = torch.linalg.vector_norm(g).item()
+        g0 = gn if g0 is None else g0
+        if gn <= 1e-12 * max(g0, 1.0):
+            break
+        # the Newton point: the minimum of the quadratic on this active set,
+        # (I + 2C Xaᵀ Xa) w = 2C Xaᵀ ya; with fewer violators than weights in its
+        # push-through form w = Xaᵀ (Xa Xaᵀ + I / 2C)⁻¹ ya (smaller, no cancellation)
+        if len(xa) < xb.shape[1]:
+            target = xa.t() @ _spd_solve(xa @ xa.t() + torch.eye(len(xa), dtype=torch.float64) / (2 * c), yy[active])
+        else:
+            target = _spd_solve(eye + 2 * c * xa.t() @ xa, 2 * c * xa.t() @ yy[active])
+        step = target - w
+        slope = (g @ step).item()
+        if not slope < 0:               # rounding on features of huge scale: fall back to the gradient
+            step, slope = -g, -gn * gn
+        t = 1.0
+        while True:
+            trial = w + t * step
+            ft = objective(trial)
+            if ft <= f + 1e-4 * t * slope or t < 1e-10:
+                break
+            t *= 0.5
+        if f - ft <= 1e-15 * max(abs(f), 1.0) and t < 1e-10:
+            break
+        w, f = trial, ft
+    return w
+
+
+def discriminative_scores(real: Array, fake: Array, c: float = 1.0, iters: int = 100,
+                          pca_dim: int | None = None, seed: int = 0) -> tuple[float, float]:
+    """(U-IDS, P-IDS) of Co-Mod-GAN, as the ASUKA (MISATO) evaluation computes them: the real
+    and fake features, stacked, are reduced by ``pca_project`` to ``pca_dim`` dimensions
+    (the MISATO protocol: 512 for the 512 px set, 1024 for the 1K set; ``None`` keeps them);
+    ``linear_svm`` (squared hinge, L2, ``C``, penalised bias) separates real (+1) from fake
+    (-1); U-IDS is its training misclassification rate (a score of exactly 0 counts as
+    fake), P-IDS the fraction of pairs whose fake scores higher than its real counterpart.
+    ``real[i]`` and ``fake[i]`` are one pair (the ground truth and its inpainted version).
+    ``seed`` seeds the randomized PCA (scikit-learn's ``random_state``)."""
+    r, f = _tensor(real), _tensor(fake)
     if r.shape != f.shape or r.ndim != 2:
         raise InputError(f"IDS needs paired feature sets of the same shape; got {list(r.shape)}, {list(f.shape)}.")
     x = torch.cat([r, f])
+    if pca_dim is not None and pca_dim != x.shape[1]:
+        x = pca_project(x, pca_dim, seed)
     y = torch.cat([torch.ones(len(r)), -torch.ones(len(f))]).to(torch.float64)
-    w = torch.zeros(x.shape[1] + 1, dtype=torch.float64, requires_grad=True)
-    xb = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], 1)
-    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=iters, tolerance_grad=1e-10, tolerance_change=1e-12,
-                            line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        margin = (1 - y * (xb @ w)).clamp_min(0)
-        loss = 0.5 * (w * w).sum() + c * (margin ** 2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        d = xb @ w
-        u = ((d > 0) != (y > 0)).to(torch.float64).mean().item()
-        p = (d[len(r):] > d[:len(r)]).to(torch.float64).mean().item()
+    w = linear_svm(x, y, c=c, iters=iters)
+    d = _as64(x) @ w[:-1] + w[-1]
+    u = ((d > 0) != (y > 0)).to(torch.float64).mean().item()
+    p = (d[len(r):] > d[:len(r)]).to(torch.float64).mean().item()
     return u, p
+
+
+# ------------------------------------------------------------------------------ CLIP score
+
+def clip_inputs(result: Array, truth: Array, mask: Array) -> tuple[np.ndarray, np.ndarray]:
+    """The two images the MISATO CLIP score compares: the result and the ground truth, each
+    kept only inside the hole (black elsewhere). As the official script, the hole is the
+    pixels whose mask is exactly 255 (``mask // 255`` on the 0..255 grey levels; float
+    masks are 0..1 and rounded). uint8 ``[H, W, 3]`` each."""
+    r = np.asarray(result)
+    g = np.asarray(truth)
+    if r.dtype != np.uint8 or g.dtype != np.uint8 or r.shape != g.shape or r.ndim != 3:
+        raise InputError(f"The CLIP score takes two uint8 RGB images of one size; got {r.dtype} {list(r.shape)} "
+                         f"and {g.dtype} {list(g.shape)}.")
+    m = np.asarray(mask)
+    m = m.astype(np.uint8) * 255 if m.dtype == bool else (
+        m if m.dtype == np.uint8 else np.clip(np.rint(m.astype(np.float64) * 255), 0, 255).astype(np.uint8))
+    if m.shape != r.shape[:2]:
+        raise InputError(f"The mask is {list(m.shape)} but the image is {list(r.shape[:2])}: they must match.")
+    hole = (m // 255)[..., None]
+    return r * hole, g * hole
+
+
+def clip_score(result_features: Array, truth_features: Array) -> float:
+    """Mean over pairs of the cosine similarity between the CLIP image embeddings of
+    ``clip_inputs``' two images, ``[N, D]`` each (pair ``i`` in row ``i``). This is what the
+    official script evidently means: as published it averages each normalised embedding to
+    one number before taking the diagonal of their products, which scores
+    ``mean(a_i) * mean(b_i)`` instead of ``a_i · b_i``."""
+    a, b = _as64(result_features), _as64(truth_features)
+    if a.shape != b.shape or a.ndim != 2:
+        raise InputError(f"The CLIP score needs paired embeddings of one shape; got {list(a.shape)}, {list(b.shape)}.")
+    a = a / torch.linalg.vector_norm(a, dim=1, keepdim=True)
+    b = b / torch.linalg.vector_norm(b, dim=1, keepdim=True)
+    return (a * b).sum(1).mean().item()

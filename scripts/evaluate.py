@@ -1,7 +1,8 @@
 """Compare inpainting workflows on your own photos, with numbers.
 
     scripts/host.sh evaluate --workflow A.json [--workflow B.json ...] --images DIR
-                             [--masks DIR | --mask-generator] [--out DIR] [--server URL]
+                             [--masks DIR | --mask-generator] [--out DIR] [--server URL ...]
+                             [--protocol project|misato]
 
 Every workflow runs on every image / mask pair through a ComfyUI server's HTTP API: the
 workflow's ``LoadImage`` nodes get the pair's image with the mask in its alpha channel
@@ -11,7 +12,10 @@ read back and scored. Workflows are the frontend's saved files (``Save`` or ``Ex
 
 Without ``--server`` a CPU server is started from ``--comfy-dir`` (``scripts/host.sh``
 passes its own ComfyUI tree) for the run; with it, any running server is used (a GPU one,
-with your models).
+with your models). Several ``--server`` options spread the pairs over the servers
+(``dispatch``): a pair that fails on one is retried on another, a server that stops
+answering drops out, and the report is the same as from one server.
+``--protocol misato``: the official MISATO evaluation's definitions (docs/evaluation.md).
 
 The report folder (``--out``, default ``eval-report``) gets:
 
@@ -45,9 +49,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
+import requests
 from PIL import Image, ImageDraw, ImageOps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -55,7 +61,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, REPO)
 
-from comfy_http import ComfyAPI, png_bytes  # noqa: E402
+from comfy_http import ComfyAPI, PromptTimeout, png_bytes  # noqa: E402
 from workflows import to_api_prompt  # noqa: E402
 
 from asuka_core import metrics  # noqa: E402
@@ -107,22 +113,27 @@ def load_image(path: str, size: int) -> np.ndarray:
     return np.asarray(_fit(img, size, Image.LANCZOS))
 
 
-def load_mask(folder: str, stem: str, size: int, shape: tuple[int, int]) -> np.ndarray:
-    for ext in IMAGE_EXTENSIONS:
-        path = os.path.join(folder, stem + ext)
-        if os.path.exists(path):
+def load_mask(folder: str, stem: str, size: int, shape: tuple[int, int], grey: bool = False) -> np.ndarray:
+    """The mask of image ``stem`` (``stem.png`` or any image extension; the MISATO 1K set's
+    ``00stem.png`` too), fitted like the images: bool (``>= 128``), or with ``grey`` the
+    uint8 grey levels as given (the MISATO protocol)."""
+    for name in (stem, "00" + stem):
+        path = next((os.path.join(folder, name + ext) for ext in IMAGE_EXTENSIONS
+                     if os.path.exists(os.path.join(folder, name + ext))), None)
+        if path:
             break
     else:
         raise EvalError(f"--masks {folder}: no mask for image '{stem}' (expected {stem}.png, white = hole).")
     with Image.open(path) as im:
         m = _fit(im.convert("L"), size, Image.NEAREST)
-    arr = np.asarray(m) >= 128
+    grey_levels = np.asarray(m)
+    arr = grey_levels >= 128
     if arr.shape != shape:
         raise EvalError(f"mask {path} is {arr.shape[1]}x{arr.shape[0]} after fitting, the image "
                         f"{shape[1]}x{shape[0]}: give masks of the images' size.")
     if not arr.any():
         raise EvalError(f"mask {path} is empty (no white pixel): nothing to inpaint.")
-    return arr
+    return grey_levels.copy() if grey else arr
 
 
 # ------------------------------------------------------------------------------ workflows
@@ -224,6 +235,76 @@ class LocalServer:
         self.log.close()
 
 
+# ------------------------------------------------------------------------------ several servers
+
+class ServerDown(Exception):
+    """A server stopped answering (connection refused or reset, HTTP error): it takes no more pairs."""
+
+
+def dispatch(jobs: list, servers: list, attempt, record) -> None:
+    """Run ``jobs`` on ``servers``, one worker thread per server, each taking the next job it
+    has not tried yet. ``attempt(server, job)`` returns a report row (``row["status"]`` "ok"
+    or "failed") or raises ``ServerDown``. A job that fails on a server is retried on a live
+    server that has not tried it; when none is left its last failure is recorded. A server
+    that is down takes no more jobs (its job in flight goes back to the others).
+    ``record(job, row)`` is called once per job, under a lock, in completion order."""
+    cond = threading.Condition()
+    pending = list(range(len(jobs)))
+    tried: list[set] = [set() for _ in jobs]
+    last: dict[int, dict] = {}
+    alive = set(range(len(servers)))
+    busy = [0]
+
+    def takeable(j: int) -> bool:
+        return any(s not in tried[j] for s in alive)
+
+    def worker(i: int) -> None:
+        while True:
+            with cond:
+                while True:
+                    if i not in alive:
+                        return
+                    j = next((j for j in pending if i not in tried[j]), None)
+                    if j is not None:
+                        pending.remove(j)
+                        busy[0] += 1
+                        break
+                    if busy[0] == 0 and not any(takeable(k) for k in pending):
+                        cond.notify_all()
+                        return
+                    cond.wait()
+            down = False
+            try:
+                row = attempt(servers[i], jobs[j])
+            except ServerDown as e:
+                down = True
+                row = {"status": "failed", "error": f"server {getattr(servers[i], 'base_url', i)} stopped "
+                                                    f"answering: {e}"[:500]}
+            with cond:
+                busy[0] -= 1
+                tried[j].add(i)
+                if down:
+                    alive.discard(i)
+                    print(f"{row['error']}; {len(alive)} server(s) left", file=sys.stderr)
+                if row.get("status") == "ok":
+                    record(jobs[j], row)
+                else:
+                    last[j] = row
+                    if takeable(j):
+                        pending.insert(0, j)
+                    else:
+                        record(jobs[j], row)
+                cond.notify_all()
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(len(servers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for j in pending:          # every server is down
+        record(jobs[j], last.get(j, {"status": "failed", "error": "not run: every server stopped answering"}))
+
+
 # ------------------------------------------------------------------------------ report files
 
 def read_rows(path: str) -> dict[tuple[str, str], dict]:
@@ -245,7 +326,8 @@ def write_rows(path: str, rows: dict[tuple[str, str], dict]) -> None:
 
 class Saved:
     """Images of the report folder read back on demand (a large set is never held in memory):
-    ``saved[key]`` -> RGB uint8 (or a bool mask), ``key`` an image stem or (workflow, stem)."""
+    ``saved[key]`` -> RGB uint8 (or a mask: uint8 grey levels, 255 = hole), ``key`` an image
+    stem or (workflow, stem)."""
 
     def __init__(self, folder: str, mask: bool = False):
         self.folder, self.mask = folder, mask
@@ -257,7 +339,9 @@ class Saved:
 
     def put(self, key, arr: np.ndarray) -> None:
         os.makedirs(os.path.dirname(self.path(key)), exist_ok=True)
-        Image.fromarray(arr.astype(np.uint8) * 255 if self.mask else arr).save(self.path(key))
+        if self.mask:
+            arr = arr.astype(np.uint8) * 255 if arr.dtype == bool else arr.astype(np.uint8)
+        Image.fromarray(arr).save(self.path(key))
         self.keys.add(key)
 
     def __contains__(self, key) -> bool:
@@ -265,15 +349,20 @@ class Saved:
 
     def __getitem__(self, key) -> np.ndarray:
         with Image.open(self.path(key)) as im:
-            return np.asarray(im.convert("L")) > 127 if self.mask else np.asarray(im.convert("RGB"))
+            return np.asarray(im.convert("L")) if self.mask else np.asarray(im.convert("RGB"))
 
     def get(self, key):
         return self[key] if key in self.keys else None
 
 
-def _fmt(v: float, metric: str) -> str:
+MISATO_DECIMALS = 3     # the official summary (cal_sum.py) rounds every number to 3 decimals
+
+
+def _fmt(v: float, metric: str, protocol: str = "project") -> str:
     if v is None or not math.isfinite(v):
         return "n/a"
+    if protocol == "misato":
+        return f"{round(v, MISATO_DECIMALS):.{MISATO_DECIMALS}f}"
     return f"{v:.2f}" if metric in ("psnr", "grad", "seam", "unmasked_de2000") else f"{v:.4f}"
 
 
@@ -293,11 +382,11 @@ def summarise(rows: dict, workflows: list[Workflow], stems: list[str], columns: 
     return out
 
 
-def _cell(mean_lo_hi: tuple, metric: str) -> str:
+def _cell(mean_lo_hi: tuple, metric: str, protocol: str = "project") -> str:
     m, lo, hi = mean_lo_hi
     if not math.isfinite(m):
         return "n/a"
-    return f"{_fmt(m, metric)} [{_fmt(lo, metric)}, {_fmt(hi, metric)}]"
+    return f"{_fmt(m, metric, protocol)} [{_fmt(lo, metric, protocol)}, {_fmt(hi, metric, protocol)}]"
 
 
 def _arrow(metric: str) -> str:
@@ -305,7 +394,7 @@ def _arrow(metric: str) -> str:
 
 
 def write_summary(out_dir: str, summary: list[dict], columns: list[str], dataset: dict, notes: list[str],
-                  header: list[str]) -> str:
+                  header: list[str], protocol: str = "project") -> str:
     head = ["workflow", "images", *[f"{METRIC_LABELS.get(m, m)} {_arrow(m)}" for m in columns]]
     ds_cols = [c for c in ("FID", "U-IDS", "P-IDS") if any(c in d for d in dataset.values())]
     head += [f"{c} {'↓' if c == 'FID' else '↑'}" for c in ds_cols]
@@ -314,8 +403,9 @@ def write_summary(out_dir: str, summary: list[dict], columns: list[str], dataset
     html_rows = []
     for s in summary:
         cells = [s["workflow"], f"{s['n']}" + (f" ({s['failed']} failed)" if s["failed"] else "")]
-        cells += [_cell(s["metrics"][m], m) for m in columns]
-        cells += [f"{dataset.get(s['workflow'], {}).get(c, math.nan):.4g}" for c in ds_cols]
+        cells += [_cell(s["metrics"][m], m, protocol) for m in columns]
+        cells += [_fmt(dataset.get(s["workflow"], {}).get(c, math.nan), c, protocol) if protocol == "misato"
+                  else f"{dataset.get(s['workflow'], {}).get(c, math.nan):.4g}" for c in ds_cols]
         lines.append("| " + " | ".join(cells) + " |")
         html_rows.append(cells)
     lines += ["", "Mean [95 % interval] over images (Student's t). ↑ higher is better, ↓ lower is better."]
@@ -356,6 +446,7 @@ def contact_sheet(path: str, stems: list[str], inputs: Saved, masks: Saved, resu
         y += label_h
         img, m = inputs[stem], masks[stem]
         shown = img.astype(np.float32)
+        m = m >= 128
         shown[m] = shown[m] * 0.35 + np.array([255, 0, 255], np.float32) * 0.65
         tiles = [img, shown.astype(np.uint8)]
         for wf in workflows:
@@ -382,11 +473,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--mask-generator", action="store_true",
                    help="seeded masks of the MISATO families (object + irregular, hole 20-80%%)")
     p.add_argument("--seed", type=int, default=0, help="mask generator seed (default 0)")
-    p.add_argument("--size", type=int, default=512,
-                   help="centre-crop and resize images to SIZE² (default 512; 0: keep, cropped to multiples of 8)")
+    p.add_argument("--protocol", choices=("project", "misato"), default="project",
+                   help="metric definitions: the project's (default), or the official MISATO evaluation's "
+                        "(grey masks as given, soft Grad, IDS after PCA to the image size, 3-decimal summary)")
+    p.add_argument("--size", type=int, default=None,
+                   help="centre-crop and resize images to SIZE² (default 512, or 0 under --protocol misato; "
+                        "0: keep, cropped to multiples of 8)")
     p.add_argument("--limit", type=int, default=0, help="use only the first N images")
     p.add_argument("--out", default="eval-report", help="report folder (default eval-report)")
-    p.add_argument("--server", help="URL of a running ComfyUI (default: start a CPU one for the run)")
+    p.add_argument("--server", action="append", default=[], metavar="URL",
+                   help="URL of a running ComfyUI; repeat to spread the pairs over several (one per GPU or "
+                        "machine); default: start a CPU one for the run")
     p.add_argument("--comfy-dir", help="ComfyUI tree to start a server from (scripts/host.sh passes its own)")
     p.add_argument("--server-arg", action="append", default=[], help="extra argument for the started server")
     p.add_argument("--timeout", type=float, default=1800, help="seconds to wait for one prompt")
@@ -394,9 +491,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--alexnet-weights", help="torchvision AlexNet ImageNet weights (alexnet-owt-7be5be79.pth)")
     p.add_argument("--inception-weights",
                    help="torchvision Inception v3 ImageNet weights (inception_v3_google-0cc3c7bd.pth), for FID and IDS")
+    p.add_argument("--ids-seed", type=int, default=0,
+                   help="seed of the randomized PCA before the IDS SVM under --protocol misato (default 0)")
     p.add_argument("--sheet-rows", type=int, default=12, help="images on the contact sheet (default 12)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.size is None:
+        args.size = 0 if args.protocol == "misato" else 512
+    return args
 
 
 def _progress(total: int, disabled: bool):
@@ -429,6 +531,7 @@ def run(args: argparse.Namespace) -> int:
     # thread, 0.28 s on two, 512² on an idle 2-core CPU), negligible beside sampling; one
     # thread leaves the other cores to a server running on the same machine
     torch.set_num_threads(1)
+    misato = args.protocol == "misato"
     out = os.path.abspath(args.out)
     for sub in ("inputs", "masks", "results"):
         os.makedirs(os.path.join(out, sub), exist_ok=True)
@@ -438,6 +541,9 @@ def run(args: argparse.Namespace) -> int:
 
     learned = None
     notes = []
+    if misato:
+        notes.append("Protocol: MISATO (the official evaluation's definitions: masks as given, Grad blended by "
+                     "the grey mask, IDS after PCA to the image size, every number rounded to 3 decimals).")
     if args.lpips_weights or args.alexnet_weights or args.inception_weights:
         from evaluate_learned import LearnedMetrics
         learned = LearnedMetrics(lpips=args.lpips_weights, alexnet=args.alexnet_weights,
@@ -459,7 +565,7 @@ def run(args: argparse.Namespace) -> int:
         except EvalError as e:
             raise EvalError(f"{path}: {e}") from None
         if args.masks:
-            m = load_mask(args.masks, stem, args.size, img.shape[:2])
+            m = load_mask(args.masks, stem, args.size, img.shape[:2], grey=misato)
         else:
             if gen is None or (gen.height, gen.width) != img.shape[:2]:
                 gen = MaskGenerator(img.shape[:2], seed=args.seed, shares=EVALUATION_SHARES, hole_ratio=(0.2, 0.8))
@@ -468,19 +574,31 @@ def run(args: argparse.Namespace) -> int:
         inputs.put(stem, img)
         masks.put(stem, m)
         # identifies what LoadImage gets (the photo, the mask as alpha) for resuming
-        pairs[stem] = hashlib.sha256(png_bytes(img, m.astype(np.float32))).hexdigest()[:12]
+        pairs[stem] = hashlib.sha256(png_bytes(img, masks[stem] / 255.0)).hexdigest()[:12]
     mask_source = "folder " + os.path.abspath(args.masks) if args.masks else f"generator seed {args.seed}"
+    if misato:
+        mask_source += "; protocol misato"
+    sides = {inputs[s].shape[:2] for s in stems} if misato else set()
+    if misato and (len(sides) != 1 or len({*next(iter(sides))}) != 1):
+        raise EvalError("--protocol misato scores square images of one size (MISATO's 512 and 1024 sets, each "
+                        f"run on its own); these are {sorted(sides)}: give one set, or --size N.")
 
-    server = None
+    local = None
     if args.server:
-        api = ComfyAPI(args.server, client_name="asuka-eval")
-        if not api.alive():
-            raise EvalError(f"--server {args.server}: no ComfyUI answers there.")
+        apis = []
+        for url in args.server:
+            api = ComfyAPI(url, client_name="asuka-eval")
+            if api.alive():
+                apis.append(api)
+            else:
+                print(f"--server {url}: no ComfyUI answers there; not used", file=sys.stderr)
+        if not apis:
+            raise EvalError(f"--server {', '.join(args.server)}: no ComfyUI answers there.")
     else:
-        server = LocalServer(args.comfy_dir, os.path.join(out, "server.log"), args.server_arg)
-        api = ComfyAPI(server.url, client_name="asuka-eval")
+        local = LocalServer(args.comfy_dir, os.path.join(out, "server.log"), args.server_arg)
+        apis = [ComfyAPI(local.url, client_name="asuka-eval")]
     try:
-        object_info = api.object_info()
+        object_info = apis[0].object_info()
         workflows: list[Workflow] = []
         for spec in args.workflow:
             workflows.append(Workflow(spec, object_info, {w.name for w in workflows}))
@@ -510,60 +628,102 @@ def run(args: argparse.Namespace) -> int:
             print(f"resuming: {skipped} pairs already scored in {csv_path}", file=sys.stderr)
             write_rows(csv_path, rows)
 
-        bar = _progress(len(todo), args.no_progress)
-        for wf, stem in todo:
+        def attempt(api: ComfyAPI, job) -> dict:
+            """Run one pair on one server and score it: the report row."""
+            wf, stem = job
             img, m = inputs[stem], masks[stem]
-            data, pair_sha = png_bytes(img, m.astype(np.float32)), pairs[stem]
-            upload = api.upload_bytes(data, f"{stem}-{pair_sha}.png", subfolder="asuka-eval")
-            token = hashlib.sha256(f"{time.time()}{wf.name}{stem}".encode()).hexdigest()[:8]
-            prompt = wf.for_pair(upload, f"asuka-eval/{wf.name}/{stem}-{token}")
+            pair_sha = pairs[stem]
             row = {"workflow": wf.name, "image": stem, "workflow_sha": wf.sha, "pair_sha": pair_sha,
                    "mask_source": mask_source}
             t0 = time.time()
-            res = api.run(prompt, timeout=args.timeout)
+            try:
+                upload = api.upload_bytes(png_bytes(img, m / 255.0), f"{stem}-{pair_sha}.png", subfolder="asuka-eval")
+                token = hashlib.sha256(f"{time.time()}{wf.name}{stem}{api.base_url}".encode()).hexdigest()[:8]
+                res = api.run(wf.for_pair(upload, f"asuka-eval/{wf.name}/{stem}-{token}"), timeout=args.timeout)
+                images = res.outputs.get(wf.output, {}).get("images", []) if res.ok else []
+                data = api.view(images[0]) if images else None
+            except PromptTimeout:
+                row.update(status="failed", seconds=f"{time.time() - t0:.2f}",
+                           error=f"no result after --timeout {args.timeout:.0f} s on {api.base_url}")
+                return row
+            except (requests.RequestException, AssertionError) as e:
+                if not api.alive():
+                    raise ServerDown(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+                row.update(status="failed", seconds=f"{time.time() - t0:.2f}",
+                           error=f"{api.base_url}: {e}".replace("\n", " ")[:500])
+                return row
             row["seconds"] = f"{time.time() - t0:.2f}"
-            images = res.outputs.get(wf.output, {}).get("images", []) if res.ok else []
-            if not res.ok or not images:
+            if data is None:
                 row["status"] = "failed"
                 row["error"] = (res.message or res.status if not res.ok else
                                 f"node {wf.output} saved no image").replace("\n", " ")[:500]
-                bar.set_postfix_str(f"{wf.name}/{stem}: failed")
-            else:
-                out_img = np.asarray(Image.open(io.BytesIO(api.view(images[0]))).convert("RGB"))
-                row["resized"] = ""
-                if out_img.shape != img.shape:
-                    row["resized"] = f"{out_img.shape[1]}x{out_img.shape[0]}"
-                    out_img = np.asarray(Image.fromarray(out_img).resize((img.shape[1], img.shape[0]),
-                                                                         Image.LANCZOS))
+                return row
+            out_img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+            row["resized"] = ""
+            if out_img.shape != img.shape:
+                row["resized"] = f"{out_img.shape[1]}x{out_img.shape[0]}"
+                out_img = np.asarray(Image.fromarray(out_img).resize((img.shape[1], img.shape[0]), Image.LANCZOS))
+            scores = metrics.score(out_img, img, m)
+            if misato:
+                scores["grad"] = metrics.grad(out_img, img, m, soft=True)
+            if learned is not None and learned.has_lpips:
+                scores["lpips"] = learned.lpips(metrics.paste(out_img, img, m).numpy(), img)
+            row.update({k: f"{v:.6f}" for k, v in scores.items()})
+            row["status"] = "ok"
+            row["error"] = ""
+            row["_image"] = out_img
+            return row
+
+        bar = _progress(len(todo), args.no_progress)
+
+        def record(job, row: dict) -> None:
+            wf, stem = job
+            out_img = row.pop("_image", None)
+            if out_img is not None:
                 results.put((wf.name, stem), out_img)
-                scores = metrics.score(out_img, img, m)
-                if learned is not None and learned.has_lpips:
-                    scores["lpips"] = learned.lpips(metrics.paste(out_img, img, m).numpy(), img)
-                row.update({k: f"{v:.6f}" for k, v in scores.items()})
-                row["status"] = "ok"
-                row["error"] = ""
             rows[(wf.name, stem)] = row
             write_rows(csv_path, rows)
+            if row["status"] != "ok":
+                bar.set_postfix_str(f"{wf.name}/{stem}: failed")
             bar.update(1)
+
+        if len(apis) > 1:
+            print(f"spreading {len(todo)} pairs over {len(apis)} servers", file=sys.stderr)
+        dispatch(todo, apis, attempt, record)
         bar.close()
     finally:
-        if server is not None:
-            server.close()
+        if local is not None:
+            local.close()
 
     columns = list(metrics.METRICS) + (["lpips"] if learned is not None and learned.has_lpips else [])
     dataset = {}
     if learned is not None and learned.has_inception:
+        pca_dim = inputs[stems[0]].shape[0] if misato else None
         for wf in workflows:
             done = [s for s in stems if (wf.name, s) in results]
-            if len(done) >= 2:
+            if len(done) < 2:
+                continue
+            if pca_dim is not None and 2 * len(done) < pca_dim:
+                notes.append(f"{wf.name}: U-IDS/P-IDS not computed: the MISATO protocol reduces the features to "
+                             f"{pca_dim} dimensions first, which needs at least {(pca_dim + 1) // 2} scored pairs "
+                             f"(here {len(done)}).")
                 pasted = [metrics.paste(results[(wf.name, s)], inputs[s], masks[s]).numpy() for s in done]
-                dataset[wf.name] = learned.dataset_scores([inputs[s] for s in done], pasted)
+                scores = learned.dataset_scores([inputs[s] for s in done], pasted, pca_dim=None)
+                dataset[wf.name] = {"FID": scores["FID"]}
+                continue
+            pasted = [metrics.paste(results[(wf.name, s)], inputs[s], masks[s]).numpy() for s in done]
+            dataset[wf.name] = learned.dataset_scores([inputs[s] for s in done], pasted, pca_dim=pca_dim,
+                                                      seed=args.ids_seed)
+        if misato and dataset:
+            notes.append(f"IDS: features reduced by PCA to {pca_dim} dimensions (randomized solver, seed "
+                         f"{args.ids_seed}; the official script's PCA is unseeded), then the squared-hinge "
+                         "linear SVM solved to its optimum.")
     header = [f"images: {os.path.abspath(args.images)} ({len(stems)}, {args.size or 'native'} px)",
               f"masks: {mask_source}",
               "workflows: " + ", ".join(f"{w.name} = {w.path} (output node {w.output})" for w in workflows),
               f"written {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}"]
     summary = summarise(rows, workflows, stems, columns)
-    md = write_summary(out, summary, columns, dataset, notes, header)
+    md = write_summary(out, summary, columns, dataset, notes, header, protocol=args.protocol)
     contact_sheet(os.path.join(out, "contact_sheet.png"), stems, inputs, masks, results, workflows,
                   max_rows=args.sheet_rows)
     print(md)

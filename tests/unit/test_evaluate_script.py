@@ -92,3 +92,81 @@ def test_mask_problems_are_explained(tmp_path):
         evaluate.list_images(str(tmp_path / "empty"))
     with pytest.raises(evaluate.EvalError, match="not a folder"):
         evaluate.list_images(str(tmp_path / "nowhere"))
+
+
+class _FakeServer:
+    """A stand-in for one ComfyUI: runs a job in ``delay`` s; ``die_after`` jobs started, it
+    is down (the job in flight and every later one raise ServerDown); ``refuses``: job names
+    it fails (a node error on that server only)."""
+
+    def __init__(self, name, delay=0.01, die_after=None, refuses=()):
+        self.base_url, self.delay, self.die_after, self.refuses = name, delay, die_after, set(refuses)
+        self.started, self.done = [], []
+
+    def attempt(self, job):
+        import time
+
+        self.started.append(job)
+        time.sleep(self.delay)
+        if self.die_after is not None and len(self.started) > self.die_after:
+            raise evaluate.ServerDown("connection refused")
+        if job in self.refuses:
+            return {"status": "failed", "error": f"{job} failed on {self.base_url}"}
+        self.done.append(job)
+        return {"status": "ok", "by": self.base_url}
+
+
+def _dispatch(jobs, servers):
+    recorded = {}
+
+    def record(job, row):
+        assert job not in recorded, f"{job} recorded twice"
+        recorded[job] = row
+
+    evaluate.dispatch(jobs, servers, lambda s, j: s.attempt(j), record)
+    return recorded
+
+
+def test_dispatch_spreads_jobs_and_survives_a_dead_server():
+    jobs = [f"p{i}" for i in range(20)]
+    a, b = _FakeServer("a"), _FakeServer("b")
+    rec = _dispatch(jobs, [a, b])
+    assert set(rec) == set(jobs) and all(r["status"] == "ok" for r in rec.values())
+    assert a.done and b.done and len(a.done) + len(b.done) == 20          # both worked, nothing twice
+    # b dies after 3 jobs: its job in flight and the rest go to a; nothing is lost
+    a, b = _FakeServer("a"), _FakeServer("b", die_after=3)
+    rec = _dispatch(jobs, [a, b])
+    assert set(rec) == set(jobs) and all(r["status"] == "ok" for r in rec.values())
+    assert len(b.done) == 3 and len(a.done) == 17
+
+
+def test_dispatch_retries_a_failure_on_another_server_then_records_it():
+    jobs = ["x", "y", "z"]
+    a, b = _FakeServer("a", refuses={"x"}), _FakeServer("b", refuses={"y", "x"})
+    rec = _dispatch(jobs, [a, b])
+    assert rec["y"]["status"] == "ok" and rec["y"]["by"] == "a"               # failed on b, ran on a
+    assert rec["x"]["status"] == "failed" and "failed on" in rec["x"]["error"]  # failed on both
+    assert rec["z"]["status"] == "ok"
+    assert a.started.count("x") == 1 and b.started.count("x") == 1
+    # one server: a failure is recorded at once; every server down: every job recorded failed
+    rec = _dispatch(jobs, [_FakeServer("a", refuses={"z"})])
+    assert rec["z"]["status"] == "failed" and rec["x"]["status"] == "ok"
+    rec = _dispatch(jobs, [_FakeServer("a", die_after=0), _FakeServer("b", die_after=1)])
+    assert set(rec) == set(jobs) and sum(r["status"] == "ok" for r in rec.values()) == 1
+    assert all("stopped answering" in r["error"] for r in rec.values() if r["status"] != "ok")
+
+
+def test_misato_masks_keep_their_grey_levels_and_the_1k_names(tmp_path):
+    (tmp_path / "m").mkdir()
+    mask = np.zeros((64, 64), np.uint8)
+    mask[10:40, 10:40] = 255
+    mask[10:40, 40] = 100                       # an anti-aliased edge column
+    Image.fromarray(mask).save(tmp_path / "m" / "00p.png")   # the 1K set names its masks 00<name>
+    grey = evaluate.load_mask(str(tmp_path / "m"), "p", 0, (64, 64), grey=True)
+    assert grey.dtype == np.uint8 and (grey == mask).all()
+    assert (evaluate.load_mask(str(tmp_path / "m"), "p", 0, (64, 64)) == (mask >= 128)).all()
+    args = evaluate.parse_args(["--workflow", "w.json", "--images", "i", "--masks", "m", "--protocol", "misato",
+                                "--server", "http://a:1", "--server", "http://b:2"])
+    assert args.size == 0 and args.server == ["http://a:1", "http://b:2"]
+    assert evaluate.parse_args(["--workflow", "w.json", "--images", "i", "--mask-generator"]).size == 512
+    assert evaluate._fmt(0.36849, "lpips", "misato") == "0.368" and evaluate._fmt(11.4649, "FID", "misato") == "11.465"

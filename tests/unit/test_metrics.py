@@ -115,6 +115,67 @@ def test_grad_matches_the_official_formula_with_opencv(k):
     assert metrics.grad(truth, truth, mask) == 0.0
 
 
+def _grey_masks(size, seed):
+    """Grey-level masks: generated holes blurred (soft edges whose Canny magnitudes fall
+    between the thresholds, so hysteresis decides) and the same with noise."""
+    rng = np.random.default_rng(seed)
+    gen = MaskGenerator(size, seed=seed, hole_ratio=(0.1, 0.8))
+    for i in range(4):
+        m = gen.numpy(i).astype(np.uint8) * 255
+        for k in (3, 9):
+            g = cv2.GaussianBlur(m, (k, k), 0)
+            yield g
+            yield np.clip(g.astype(int) + rng.integers(-40, 41, g.shape), 0, 255).astype(np.uint8)
+
+
+def test_canny_is_exactly_opencv_on_grey_masks():
+    weak_only = 0
+    for size in [(64, 64), (96, 160), (131, 77)]:
+        for g in _grey_masks(size, 2):
+            ref = cv2.Canny(g, 100, 200) > 0
+            got = metrics.canny(torch.from_numpy(g)).numpy()
+            np.testing.assert_array_equal(got, ref)
+            # edges kept only through hysteresis (magnitude between the thresholds) exist
+            gx = cv2.Sobel(g, cv2.CV_32F, 1, 0, ksize=3, borderType=cv2.BORDER_REPLICATE)
+            gy = cv2.Sobel(g, cv2.CV_32F, 0, 1, ksize=3, borderType=cv2.BORDER_REPLICATE)
+            weak_only += int((ref & (np.abs(gx) + np.abs(gy) <= 200)).sum())
+    assert weak_only > 0
+
+
+def _official_soft_grad(result, truth, mask_u8):
+    """The MISATO ``cal_grad.py`` definition restated with OpenCV: the result blended into the
+    ground truth by the grey mask, Canny of the mask as given."""
+    m = mask_u8[..., None] / 255.0
+    blended = result * m + truth * (1 - m)
+    edges = cv2.Canny(mask_u8, 100, 200) > 0
+    per_channel = []
+    for c in range(3):
+        p, g = blended[..., c], truth[..., c]
+        dx = cv2.Sobel(p, cv2.CV_64F, 1, 0, ksize=3) - cv2.Sobel(g, cv2.CV_64F, 1, 0, ksize=3)
+        dy = cv2.Sobel(p, cv2.CV_64F, 0, 1, ksize=3) - cv2.Sobel(g, cv2.CV_64F, 0, 1, ksize=3)
+        edge = np.sqrt(dx ** 2 + dy ** 2)[edges]
+        per_channel.append(edge.mean() if edge.size else 0)
+    return float(np.mean(per_channel))
+
+
+def test_soft_grad_is_the_official_script_on_grey_masks():
+    truth = _photo("astronaut", (96, 96))
+    result = _photo("chelsea", (96, 96))
+    checked = 0
+    for g in _grey_masks((96, 96), 5):
+        expected = _official_soft_grad(result, truth, g)
+        assert expected > 1.0
+        assert metrics.grad(result, truth, g, soft=True) == pytest.approx(expected, rel=1e-9)
+        assert metrics.grad(result, truth, g.astype(np.float32) / 255, soft=True) == pytest.approx(expected, rel=1e-9)
+        checked += 1
+    assert checked == 16
+    # on a 0/255 mask the two definitions agree; on a grey one they do not
+    binary = (g >= 128).astype(np.uint8) * 255
+    assert metrics.grad(result, truth, binary, soft=True) == pytest.approx(metrics.grad(result, truth, binary),
+                                                                            rel=1e-12)
+    assert abs(metrics.grad(result, truth, g, soft=True) - metrics.grad(result, truth, g)) > 1.0
+
+
 def test_grad_hand_computed_step():
     # grey 100 everywhere, the hole (right half) filled with 110: at the boundary the pasted
     # image has a vertical step of 10, Sobel x = 10 * (1 + 2 + 1) = 40 on both boundary
@@ -274,6 +335,88 @@ def test_discriminative_scores_match_an_svm_solved_by_scipy():
     assert metrics.discriminative_scores(real, real) == (0.5, 0.0)
 
 
+def _feature_sets(n, d, noise, seed):
+    """Inception-like pool features (non-negative, low-rank structure plus noise, float32) of
+    ``n`` ground truths and of their ``n`` inpainted counterparts."""
+    rng = np.random.default_rng(seed)
+    latent = rng.normal(0, 1, (n, 24)) @ (rng.normal(0, 1, (24, d)) / 5)
+    real = np.maximum(latent + rng.normal(0, 0.3, (n, d)), 0).astype(np.float32)
+    fake = np.maximum(real + rng.normal(0, noise, real.shape) * real.std() + 0.004, 0).astype(np.float32)
+    return real, fake
+
+
+def _official_ids(real, fake, dim, seed):
+    """The MISATO ``cal_ids.py`` definition restated with scikit-learn (test-only oracle):
+    ``PCA(dim)`` (seeded here) unless dim = the feature width, ``LinearSVC(dual=False)``,
+    real = 1, fake = 0."""
+    from sklearn.decomposition import PCA
+    from sklearn.svm import LinearSVC
+
+    x = np.concatenate([real, fake])
+    if dim != real.shape[1]:
+        x = PCA(dim, random_state=seed).fit_transform(x)
+    y = np.array([1] * len(real) + [0] * len(fake))
+    svm = LinearSVC(dual=False).fit(x, y)
+    d = svm.decision_function(x)
+    return 1 - svm.score(x, y), float(np.mean(d[len(real):] > d[:len(real)]))
+
+
+def test_linear_svm_reaches_liblinears_optimum():
+    from sklearn.svm import LinearSVC
+
+    real, fake = _feature_sets(500, 256, 0.5, 1)
+    x = np.concatenate([real, fake]).astype(np.float64)
+    y = np.r_[np.ones(500), -np.ones(500)]
+    w = metrics.linear_svm(x, y).numpy()
+    ref = LinearSVC(dual=False, tol=1e-12, max_iter=10000).fit(x, y > 0)
+    ref_w = np.r_[ref.coef_[0], ref.intercept_]
+    np.testing.assert_allclose(w, ref_w, rtol=0, atol=1e-6 * np.abs(ref_w).max())
+    # its optimality: the gradient of the primal vanishes
+    z = np.hstack([x, np.ones((1000, 1))])
+    margin = np.maximum(1 - y * (z @ w), 0)
+    assert np.abs(w - 2 * z.T @ (y * margin)).max() < 1e-8 * np.abs(w).max()
+
+
+@pytest.mark.parametrize("n, d, dim", [(1200, 512, 128), (300, 800, 128), (240, 160, 140)])
+def test_pca_project_is_scikit_learns_seeded_pca(n, d, dim):
+    """Randomized (samples > features and < features: sklearn transposes) and exact paths;
+    compared by the projections' Gram matrices (independent of the axes' signs)."""
+    from sklearn.decomposition import PCA
+
+    real, fake = _feature_sets(n // 2, d, 0.4, 2)
+    x = np.concatenate([real, fake])
+    for seed in (0, 7):
+        ours = metrics.pca_project(x, dim, seed).numpy().astype(np.float64)
+        ref = PCA(dim, random_state=seed).fit_transform(x).astype(np.float64)
+        assert ours.dtype == ref.dtype and ours.shape == ref.shape
+        np.testing.assert_allclose(ours @ ours.T, ref @ ref.T, rtol=0, atol=2e-4 * np.abs(ref @ ref.T).max())
+    # a randomized solver depends on its seed (the official PCA has none)
+    if dim < 0.8 * min(x.shape):
+        a, b = metrics.pca_project(x, dim, 0).numpy(), metrics.pca_project(x, dim, 1).numpy()
+        assert np.abs(a @ a.T - b @ b.T).max() > 1e-3 * np.abs(a @ a.T).max()
+    with pytest.raises(InputError, match="image pairs"):
+        metrics.pca_project(x[:dim - 1], dim)
+
+
+@pytest.mark.parametrize("n, d, dim, noise", [(300, 512, 256, 0.25), (200, 1024, 64, 0.6), (160, 64, 64, 0.1)])
+def test_misato_ids_equal_the_official_definition(n, d, dim, noise):
+    real, fake = _feature_sets(n, d, noise, 3)
+    for seed in (0, 5):
+        u, p = metrics.discriminative_scores(real, fake, pca_dim=dim, seed=seed)
+        ou, op = _official_ids(real, fake, dim, seed)
+        # liblinear stops at a relative gradient of 1e-4, this solver at the optimum: a
+        # sample within that tolerance of the boundary may fall on the other side
+        assert u == pytest.approx(ou, abs=1 / (2 * n) + 1e-12)
+        assert p == pytest.approx(op, abs=1 / n + 1e-12)
+    assert 0.02 < u < 0.5, u
+
+
+def test_discriminative_scores_need_enough_pairs_for_the_pca():
+    real, fake = _feature_sets(100, 2048, 0.3, 4)
+    with pytest.raises(InputError, match="256 image pairs"):
+        metrics.discriminative_scores(real, fake, pca_dim=512)
+
+
 def test_score_refuses_mismatched_inputs():
     result, truth, mask = PAIRS[0]
     with pytest.raises(InputError, match="mask"):
@@ -295,3 +438,53 @@ def test_metrics_module_needs_no_oracle_or_comfyui():
     proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "", f"asuka_core.metrics imported: {proc.stdout.strip()}"
+
+
+def test_clip_score_is_the_official_scripts_evident_meaning():
+    """Restated with torch as ``cal_clip_score.py`` computes it, its bug (averaging each
+    embedding to a scalar before ``.diagonal()``) removed: the diagonal of the normalised
+    embeddings' products."""
+    rng = np.random.default_rng(8)
+    a, b = rng.normal(0, 1, (6, 768)), rng.normal(0, 1, (6, 768))
+    b[:3] = a[:3] * 2.0 + rng.normal(0, 0.1, (3, 768))
+    ta, tb = torch.tensor(a), torch.tensor(b)
+    ta, tb = ta / ta.norm(dim=-1, keepdim=True), tb / tb.norm(dim=-1, keepdim=True)
+    expected = (ta @ tb.T).diagonal().mean().item()
+    assert metrics.clip_score(a, b) == pytest.approx(expected, rel=1e-12)
+    as_published = (ta.mean(1)[:, None] @ tb.mean(1)[None]).diagonal().mean().item()
+    assert abs(as_published) < 1e-3 < expected        # the published script's number means nothing
+    # the images compared: the hole only, where the mask is exactly 255
+    result, truth, _ = PAIRS[0]
+    mask = np.zeros(truth.shape[:2], np.uint8)
+    mask[10:40, 10:50] = 255
+    mask[10:40, 50] = 254
+    r, g = metrics.clip_inputs(result, truth, mask)
+    assert (r[10:40, 10:50] == result[10:40, 10:50]).all() and (g[10:40, 10:50] == truth[10:40, 10:50]).all()
+    assert r[:, 50:].max() == 0 and g[:10].max() == 0
+    r2, _ = metrics.clip_inputs(result, truth, mask == 255)
+    assert (r2 == r).all()
+
+
+def test_linear_svm_on_fewer_samples_than_dimensions():
+    """16 samples of 2048-d features (an evaluation of a few photos): the push-through form
+    of the Newton step. At the features' scale it reaches liblinear's optimum; at a scale of
+    1e3 (an uncalibrated net) liblinear stops early and this solver's objective is lower;
+    at 1e8 the Hessian is numerically singular and it still separates the sets."""
+    from sklearn.svm import LinearSVC
+
+    real, fake = _feature_sets(8, 2048, 0.5, 6)
+    y = np.r_[np.ones(8), -np.ones(8)]
+
+    def objective(x, w):
+        z = np.hstack([x, np.ones((len(x), 1))]) @ w
+        return 0.5 * w @ w + np.sum(np.maximum(0, 1 - y * z) ** 2)
+
+    for scale in (1.0, 1e3):
+        x = np.concatenate([real, fake]).astype(np.float64) * scale
+        w = metrics.linear_svm(x, y).numpy()
+        ref = LinearSVC(dual=False, tol=1e-12, max_iter=10000).fit(x, y > 0)
+        ref_w = np.r_[ref.coef_[0], ref.intercept_]
+        if scale == 1.0:
+            np.testing.assert_allclose(x @ w[:-1] + w[-1], ref.decision_function(x), rtol=0, atol=1e-6)
+        assert objective(x, w) <= objective(x, ref_w) * (1 + 1e-9)
+    assert metrics.discriminative_scores(real * 1e8, fake * 1e8) == (0.0, 0.0)
