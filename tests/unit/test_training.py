@@ -134,7 +134,7 @@ def test_gradients_reach_the_aligner_only_and_checkpointing_changes_nothing(comf
         tr = make_trainer(models, photos, tmp_path / str(ckpt))
         tr.optimizer.zero_grad()
         mb = tr._micro_batch(0, 0)
-        loss = tr._loss(tr.aligner, mb["images"], mb["masks"], mb["masks"], mb["t"], noise_gen=mb["gen"])
+        loss = tr._loss(tr.aligner, mb["images"], mb["masks"], mb["masks"], mb["t"], noise=mb["noise"])
         loss.backward()
         assert all(p.grad is None for p in mp.model.diffusion_model.parameters())
         assert not any(p.requires_grad for p in mp.model.diffusion_model.parameters())
