@@ -127,8 +127,7 @@ def wrap(model: nn.Module, info: DistInfo = SINGLE) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [info.device.index] if info.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, output_device=ids[0] if ids else None,
-                                   broadcast_buffers=False)
+    return DistributedDataParallel(model, device_ids=ids, output_device=ids[0] if ids else None)
 
 
 def no_sync(model: nn.Module, skip: bool):
