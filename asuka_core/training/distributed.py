@@ -76,7 +76,8 @@ def init_from_env(device: torch.device | str = "cpu", *, backend: str | None = N
     """Join torchrun's process group (once per process) and return this process's place.
 
     ``device`` is the device the single-process run would use; with several processes on
-    CUDA each gets ``cuda:LOCAL_RANK``. ``backend`` defaults to NCCL on CUDA, gloo
+    CUDA each gets ``cuda:LOCAL_RANK`` (``cuda:0`` when it sees a single GPU: pinned to it
+    through ``CUDA_VISIBLE_DEVICES``). ``backend`` defaults to NCCL on CUDA, gloo
     otherwise. Without torchrun's environment (or with ``WORLD_SIZE=1``) nothing is
     initialised and ``DistInfo(device=device)`` is returned.
     """
@@ -85,11 +86,14 @@ def init_from_env(device: torch.device | str = "cpu", *, backend: str | None = N
     if world == 1:
         return DistInfo(device=device)
     if device.type == "cuda":
-        if local >= torch.cuda.device_count():
-            raise InputError(f"Process {rank} wants GPU {local}, but only {torch.cuda.device_count()} are visible: "
+        count = torch.cuda.device_count()
+        # One visible GPU: the launcher pinned this process to its own (CUDA_VISIBLE_DEVICES).
+        index = 0 if count == 1 else local
+        if index >= count:
+            raise InputError(f"Process {rank} wants GPU {local}, but only {count} are visible: "
                              "give torchrun --nproc-per-node at most the number of GPUs.")
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
+        torch.cuda.set_device(index)
+        device = torch.device("cuda", index)
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     import torch.distributed as dist
 

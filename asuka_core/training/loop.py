@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..aligner import MAE_WIDTH, TARGET_SD15, TARGET_WIDTHS, Aligner, save_aligner
+from ..aligner import MAE_WIDTH, TARGET_FLUX_CLIP, TARGET_SD15, TARGET_WIDTHS, Aligner, load_aligner, save_aligner
 from ..errors import CheckpointError, InputError
 from ..mae import preprocess
 from ..masks import MaskGenerator
@@ -157,6 +157,22 @@ def new_aligner(seed: int = 0, *, width: int = TARGET_WIDTHS[TARGET_SD15], depth
     finally:
         torch.random.set_rng_state(gen_state)
     return model.train()
+
+
+def warm_start_aligner(source) -> Aligner:
+    """The aligner to start training from: an SD1.5 aligner file as it is, or the released
+    FLUX CLIP-branch aligner (``asuka_alignment_clip.pt``) re-labelled as SD1.5. The two
+    have the same layout (768 wide, four blocks; the CLIP file's unused modulation tensors
+    are dropped) and the CLIP branch was trained towards CLIP-L's final-layer-normed space,
+    the space SD1.5 cross-attends to. Whether starting there helps a real run is untested.
+    float32, CPU, in training mode."""
+    aligner = load_aligner(source, dtype=torch.float32)
+    if aligner.target == TARGET_FLUX_CLIP:
+        sd15 = Aligner(aligner.width, aligner.depth, TARGET_SD15)
+        sd15.load_state_dict(aligner.state_dict())
+        aligner = sd15
+    aligner.expect_target(TARGET_SD15, TARGET_FLUX_CLIP, where="Training --init")
+    return aligner.float().train()
 
 
 def mae_prior(mae: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
