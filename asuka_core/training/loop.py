@@ -50,7 +50,7 @@ from .plot import loss_curve_png, sample_grid_png
 from .schedule import learning_rate
 
 STATE_FORMAT = "asuka-aligner-training"
-STATE_VERSION = 1
+STATE_VERSION = 2   # 2: per-sample random draws (data.BatchMaker), world size stored
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Settings that decide which images, masks, noise and timesteps a step sees: a resumed
 # run must keep them, or it would not continue the same run.
@@ -493,6 +493,9 @@ class AlignerTrainer:
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
+        if int(state.get("version", 1)) < 2:
+            self.log("note: this state was written by an older version, which drew its batches differently; "
+                     "the run continues with the new draws (the weights and optimiser state are kept).")
         self.history = {k: [tuple(x) for x in v] for k, v in json.loads(state["history"]).items()}
         self._last_saved = self.step
 

@@ -346,3 +346,24 @@ def test_prescaled_copy_of_a_large_photo(tmp_path):
     want = np.asarray(Image.fromarray(load_image(str(src))).resize((200, 150), Image.Resampling.LANCZOS))
     assert np.array_equal(out, want)
     assert np.array_equal(prescaled_image(str(src), str(tmp_path / "c"), 150), out)
+
+
+# ------------------------------------------------------------------------------ warm start
+
+def test_warm_start_takes_the_released_clip_aligner_as_an_sd15_aligner(tmp_path):
+    from asuka_core.aligner import TARGET_SD15, load_aligner, save_aligner
+    from asuka_core.training import warm_start_aligner
+    from tests.fixtures import aligner_files
+
+    released = aligner_files.write_official_aligner_pt(tmp_path / "asuka_alignment_clip.pt", 768, seed=4)
+    assert load_aligner(str(tmp_path / "asuka_alignment_clip.pt")).target == "flux_clip"
+    model = warm_start_aligner(str(tmp_path / "asuka_alignment_clip.pt"))
+    assert (model.target, model.width, model.depth, model.training) == (TARGET_SD15, 768, 4, True)
+    got = model.state_dict()
+    assert set(got) == set(aligner_files.without_modulation(released))
+    for k, v in got.items():
+        assert torch.equal(v, released[k].float()), k
+    # an SD1.5 aligner file passes through as it is
+    save_aligner(model, str(tmp_path / "sd15.safetensors"), target=TARGET_SD15)
+    again = warm_start_aligner(str(tmp_path / "sd15.safetensors"))
+    assert all(torch.equal(v, got[k]) for k, v in again.state_dict().items())
