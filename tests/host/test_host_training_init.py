@@ -72,3 +72,30 @@ def test_experimental_switch_lets_the_flux_clip_aligner_condition_sd15(host, com
     res, record = run_sd15_graph(comfy, host, host.models.flux_aligner, experimental=False)
     assert not res.ok and "experimental_flux_clip" in res.describe()
     assert not read_records(record)
+
+
+def test_cli_under_torchrun_trains_on_two_gloo_processes(host, comfy_dir, tiny_checkpoints, photos,  # noqa: F811
+                                                         tmp_path):
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    from tests.host.test_host_training import TRAIN_SCRIPT
+
+    run_dir = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", TRAIN_SCRIPT,
+         "--comfy", comfy_dir, "--cpu", "--checkpoint", tiny_checkpoints[9],
+         "--mae", os.path.join(host.models.folder, host.models.mae), "--images", photos, "--out", str(run_dir),
+         "--steps", "2", "--batch-size", "1", "--resolution", str(RES), "--warmup", "0", "--val-every", "1",
+         "--val-timesteps", "1", "--save-every", "0", "--sample-steps", "0", "--log-every", "1", "--workers", "1"],
+        capture_output=True, text=True, timeout=900,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "2 processes, global batch 2" in proc.stdout, proc.stdout
+    assert proc.stdout.count("done:") == 1                 # rank 0 alone reports and saves
+    state = torch.load(run_dir / "training_state.pt", weights_only=True)
+    assert state["step"] == 2 and state["world_size"] == 2
+    with safe_open(str(run_dir / "asuka_sd15_aligner.safetensors"), "pt") as f:
+        assert f.metadata()["asuka.training.processes"] == "2"
