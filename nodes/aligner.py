@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..asuka_core.aligner import TARGET_SD15, load_aligner
+from ..asuka_core.aligner import TARGET_FLUX_CLIP, TARGET_SD15, load_aligner
+from ..asuka_core.errors import CheckpointError
 from . import common
 from .types import ALIGNER, CATEGORY, PRIOR
 
@@ -53,6 +54,11 @@ class AlignerConditioning(io.ComfyNode):
                 io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.05, tooltip=(
                     "1.0 = the aligner's conditioning as trained. Lower values move it toward the "
                     "'no visible context' conditioning (the negative); 0 gives the negative itself.")),
+                io.Boolean.Input("experimental_flux_clip", default=False, optional=True, tooltip=(
+                    "Experimental, untested: also accept the released FLUX CLIP-branch aligner "
+                    "(asuka_alignment_clip.pt). It has the SD1.5 aligner's layout and was trained "
+                    "towards CLIP-L's space, but only through the mean of its tokens, so its tokens "
+                    "may mean nothing to SD1.5. Nobody has checked the results; off by default.")),
             ],
             outputs=[
                 io.Conditioning.Output(display_name="positive", tooltip="ASUKA conditioning."),
@@ -63,8 +69,14 @@ class AlignerConditioning(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, aligner, prior, strength: float) -> io.NodeOutput:
-        aligner.model.expect_target(TARGET_SD15, where="ASUKA Aligner Conditioning (SD1.5)")
+    def execute(cls, aligner, prior, strength: float, experimental_flux_clip: bool = False) -> io.NodeOutput:
+        targets = (TARGET_SD15, TARGET_FLUX_CLIP) if experimental_flux_clip else (TARGET_SD15,)
+        try:
+            aligner.model.expect_target(*targets, where="ASUKA Aligner Conditioning (SD1.5)")
+        except CheckpointError as e:
+            if aligner.model.target != TARGET_FLUX_CLIP:
+                raise
+            raise CheckpointError(f"{e} To try it anyway (untested), switch on experimental_flux_clip.") from None
         model = common.activate(aligner)
         positive, negative = model.conditioning(prior.features, strength)
         device = common.intermediate_device()

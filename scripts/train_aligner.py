@@ -7,7 +7,14 @@ Run it inside the pack's host environment, which has ComfyUI importable::
         --images ~/photos --out runs/my-aligner --steps 20000
 
 or, with another ComfyUI install, with its Python:
-``python scripts/train_aligner.py --comfy /path/to/ComfyUI ...``.
+``python scripts/train_aligner.py --comfy /path/to/ComfyUI ...``. On several GPUs of one
+machine, start it with PyTorch's launcher (one process per GPU, gradients averaged; the
+global batch is ``N x --batch-size``)::
+
+    torchrun --nproc-per-node N scripts/train_aligner.py --checkpoint ... --out runs/my-aligner
+
+``--init asuka_alignment_clip.pt`` starts from the released FLUX CLIP-branch aligner (same
+layout; untested whether it helps, see docs/training.md).
 
 The checkpoint is loaded with ComfyUI's own loader (``--checkpoint`` is a path or a name
 in ComfyUI's models/checkpoints); ``--mae`` is a path or a name in models/asuka. Every
@@ -40,7 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="run folder (created; reused with --resume)")
     p.add_argument("--name", default="asuka_sd15_aligner", help="file name of the trained aligner")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
-    p.add_argument("--init", default=None, help="start from this aligner file (.safetensors, target sd15)")
+    p.add_argument("--init", default=None, help="start from this aligner (path or name in models/asuka): an SD1.5 "
+                   "aligner, or the released FLUX CLIP-branch asuka_alignment_clip.pt (same layout; untested whether "
+                   "it helps)")
     p.add_argument("--object-masks", default=None, help="folder of object masks (white on black) for the "
                    "object-shaped mask family; default: random silhouettes")
     p.add_argument("--steps", type=int, default=20000)
@@ -64,10 +73,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save-every", type=int, default=1000)
     p.add_argument("--sample-every", type=int, default=1000)
     p.add_argument("--sample-steps", type=int, default=20, help="sampler steps of the sample images (0: none)")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="processes that decode, crop and mask the next batches while the GPU trains (0: in the "
+                   "training loop; Linux only, elsewhere 0)")
+    p.add_argument("--prefetch", type=int, default=2, help="batches each worker keeps ready")
+    p.add_argument("--cache-dir", default=None, help="keep copies of the photos pre-scaled to what the crops need "
+                   "here (made on first use; much faster than decoding large JPEGs every time; pixels differ "
+                   "slightly from the originals, so keep the setting for a run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cpu", action="store_true", help="train on the CPU (very slow; for tests)")
     p.add_argument("--log-every", type=int, default=10)
     return p.parse_args(argv)
+
+
+def default_workers() -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(4, per_process - 1)) if sys.platform.startswith("linux") else 0
+
+
+def pin_gpu_per_process() -> None:
+    """Under torchrun with several processes, let each see only its own GPU (the
+    LOCAL_RANK-th visible one) before CUDA starts, so ComfyUI's model management puts
+    that process's models there as ``cuda:0``."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "LOCAL_RANK" not in os.environ:
+        return
+    local = int(os.environ["LOCAL_RANK"])
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [v for v in visible.split(",") if v.strip()] if visible else [str(i) for i in range(64)]
+    if local < len(ids):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ids[local]
 
 
 def import_comfy(comfy_dir: str, cpu: bool):
@@ -109,6 +144,8 @@ def resolve(value: str, folder: str, what: str, errors) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not args.cpu:
+        pin_gpu_per_process()
     import torch
 
     cpu = args.cpu or not (torch.cuda.is_available() or getattr(torch.backends, "mps", None)
@@ -134,9 +171,10 @@ def run(args, errors) -> int:
     training = pack_module("asuka_core.training")
     glue = pack_module("nodes.training_glue")
     mae_mod = pack_module("asuka_core.mae")
-    aligner_mod = pack_module("asuka_core.aligner")
 
-    device = mm.get_torch_device()
+    dist = training.distributed.init_from_env(mm.get_torch_device())
+    device = dist.device
+    say = print if dist.is_main else (lambda *a, **k: None)
     precision = args.precision or ("fp32" if device.type == "cpu" else
                                    "bf16" if mm.should_use_bf16(device, prioritize_performance=False) else "fp16")
     cfg = training.TrainConfig(
@@ -145,11 +183,13 @@ def run(args, errors) -> int:
         p_start=args.p_start, p_end=args.p_end, p_steps=args.p_steps, resolution=args.resolution,
         seed=args.seed, precision=precision, val_every=args.val_every, val_timesteps=args.val_timesteps,
         save_every=args.save_every,
-        sample_every=args.sample_every if args.sample_steps > 0 else 0, log_every=args.log_every)
+        sample_every=args.sample_every if args.sample_steps > 0 else 0, log_every=args.log_every,
+        workers=args.workers, prefetch=args.prefetch)
     cfg.check()
     # 1. data (every image opened once), 2. models: all before the first step
-    train_set, val_set = training.image_sets(args.images, args.resolution, holdout=args.holdout, seed=args.seed)
-    print(f"{len(train_set)} training images, {len(val_set)} held out, {args.resolution} px", flush=True)
+    train_set, val_set = training.image_sets(args.images, args.resolution, holdout=args.holdout, seed=args.seed,
+                                             cache_dir=args.cache_dir)
+    say(f"{len(train_set)} training images, {len(val_set)} held out, {args.resolution} px", flush=True)
     ckpt_path = resolve(args.checkpoint, "checkpoints", "Checkpoint", errors)
     mae_path = resolve(args.mae, "asuka", "MAE file", errors)
     mae_dtype = torch.float32 if device.type == "cpu" else (torch.bfloat16 if precision == "bf16" else torch.float16)
@@ -168,24 +208,33 @@ def run(args, errors) -> int:
                                   gradient_checkpointing=not args.no_gradient_checkpointing)
     models, device = glue.frozen_models(model, vae, mae, sample_steps=args.sample_steps, memory_required=memory,
                                         gradient_checkpointing=not args.no_gradient_checkpointing)
-    aligner = None
+    aligner, meta = None, {"asuka.training.base_model": os.path.basename(ckpt_path)}
     if args.init:
-        aligner = aligner_mod.load_aligner(args.init, dtype=torch.float32)
-        aligner.expect_target(aligner_mod.TARGET_SD15, where="--init")
+        init_path = resolve(args.init, "asuka", "--init aligner", errors)
+        aligner = training.warm_start_aligner(init_path)
+        meta["asuka.training.init"] = os.path.basename(init_path)
+    if dist.distributed:
+        meta["asuka.training.processes"] = str(dist.world_size)
     trainer = training.AlignerTrainer(
         cfg, models, train_set, val_set, out_dir=args.out, device=device, aligner=aligner,
         object_masks=args.object_masks, export_name=args.name + ".safetensors",
-        log=lambda s: print(s, flush=True),
-        metadata={"asuka.training.base_model": os.path.basename(ckpt_path)})
+        log=lambda s: print(s, flush=True), metadata=meta, dist=dist)
     if args.resume:
         trainer.resume()
-        print(f"resumed at step {trainer.step}", flush=True)
+        say(f"resumed at step {trainer.step}", flush=True)
     elif os.path.exists(trainer.state_path):
         raise errors.InputError(f"'{args.out}' already holds a run (training_state.pt). Add --resume to continue "
                                 "it, or choose another --out folder.")
-    print(f"training on {device} ({precision}, masks: {trainer.masks.object_source})", flush=True)
-    with glue.training_mode():
-        result = trainer.run()
+    say(f"training on {device} ({precision}, masks: {trainer.masks.object_source}, {trainer.stream.workers} data "
+        f"workers" + (f", {dist.world_size} processes, global batch {trainer.batches.global_batch}"
+                      if dist.distributed else "") + ")", flush=True)
+    try:
+        with glue.training_mode():
+            result = trainer.run()
+    finally:
+        training.distributed.shutdown(dist)
+    if not dist.is_main:
+        return 0
     print(f"done: {result['aligner']} (step {result['steps']}, held-out loss {result['val_loss']})", flush=True)
     print(f"copy it into ComfyUI/models/asuka/ and pick it in Load ASUKA Aligner; curve: {result['loss_curve']}")
     return 0

@@ -16,12 +16,17 @@ models. One optimiser step:
    ``sqrt(abar) z0 + sqrt(1 - abar) eps``, so this is the loss SD1.5 was trained with);
 5. backward into the aligner only, gradient accumulation, clipping, AdamW, EMA.
 
-All randomness of step ``s`` is drawn from generators seeded with ``(seed, s)``, so a run
-resumed from a saved state continues exactly as if it had never stopped.
+All randomness of step ``s`` is drawn from generators seeded with ``(seed, s)`` (per
+sample: ``data.BatchMaker``), so a run resumed from a saved state continues exactly as if
+it had never stopped, and the batches can be made ahead in DataLoader workers
+(``TrainConfig.workers``) without changing them. Under ``torchrun`` each process trains
+its shard of every global batch and DistributedDataParallel averages the gradients
+(``distributed.py``); rank 0 validates, writes samples and saves.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -29,27 +34,29 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..aligner import MAE_WIDTH, TARGET_SD15, TARGET_WIDTHS, Aligner, save_aligner
+from ..aligner import MAE_WIDTH, TARGET_FLUX_CLIP, TARGET_SD15, TARGET_WIDTHS, Aligner, load_aligner, save_aligner
 from ..errors import CheckpointError, InputError
 from ..mae import preprocess
 from ..masks import MaskGenerator
 from ..runtime import Progress, report
-from .data import ImageSet
+from . import distributed
+from .data import BatchMaker, BatchStream, ImageSet, rng_seed
 from .ema import EMA
 from .plot import loss_curve_png, sample_grid_png
-from .schedule import learning_rate, substitution_probability
+from .schedule import learning_rate
 
 STATE_FORMAT = "asuka-aligner-training"
-STATE_VERSION = 1
+STATE_VERSION = 2   # 2: per-sample random draws (data.BatchMaker), world size stored
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Settings that decide which images, masks, noise and timesteps a step sees: a resumed
 # run must keep them, or it would not continue the same run.
-_RESUME_FIXED = ("batch_size", "grad_accum", "seed", "resolution", "holdout_seed", "hole_ratio",
+# The batch size is checked as the global batch (batch size x processes), so a run can be
+# resumed on another number of GPUs with the same global batch.
+_RESUME_FIXED = ("grad_accum", "seed", "resolution", "holdout_seed", "hole_ratio",
                  "p_start", "p_end", "p_steps")
 
 Encode = Callable[[torch.Tensor], torch.Tensor]
@@ -106,6 +113,8 @@ class TrainConfig:
     sample_every: int = 1000
     sample_count: int = 4
     log_every: int = 10
+    workers: int = 0                    # DataLoader worker processes making batches ahead (0: in the loop)
+    prefetch: int = 2                   # batches each worker keeps ready
 
     def check(self) -> None:
         problems = []
@@ -114,6 +123,9 @@ class TrainConfig:
                 problems.append(f"{name} must be at least 1 (got {getattr(self, name)})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             problems.append(f"lr must be a positive number (got {self.lr})")
+        for name in ("workers", "prefetch"):
+            if int(getattr(self, name)) < 0:
+                problems.append(f"{name} must be at least 0 (got {getattr(self, name)})")
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -147,6 +159,22 @@ def new_aligner(seed: int = 0, *, width: int = TARGET_WIDTHS[TARGET_SD15], depth
     return model.train()
 
 
+def warm_start_aligner(source) -> Aligner:
+    """The aligner to start training from: an SD1.5 aligner file as it is, or the released
+    FLUX CLIP-branch aligner (``asuka_alignment_clip.pt``) re-labelled as SD1.5. The two
+    have the same layout (768 wide, four blocks; the CLIP file's unused modulation tensors
+    are dropped) and the CLIP branch was trained towards CLIP-L's final-layer-normed space,
+    the space SD1.5 cross-attends to. Whether starting there helps a real run is untested.
+    float32, CPU, in training mode."""
+    aligner = load_aligner(source, dtype=torch.float32)
+    if aligner.target == TARGET_FLUX_CLIP:
+        sd15 = Aligner(aligner.width, aligner.depth, TARGET_SD15)
+        sd15.load_state_dict(aligner.state_dict())
+        aligner = sd15
+    aligner.expect_target(TARGET_SD15, TARGET_FLUX_CLIP, where="Training --init")
+    return aligner.float().train()
+
+
 def mae_prior(mae: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The frozen MAE (``asuka_core.mae.MAE``) as a prior function: the official
     preprocessing (256x256 squash, hole pixels blanked) and the features after decoder
@@ -158,12 +186,6 @@ def mae_prior(mae: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Te
         return mae.features_prepared(pixels, mask256)
 
     return prior
-
-
-def _rng_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (stable across runs and platforms)."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0]
-               >> np.uint64(1))
 
 
 def masked_image(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -179,7 +201,8 @@ class AlignerTrainer:
     def __init__(self, config: TrainConfig, models: FrozenModels, train_set: ImageSet, val_set: ImageSet, *,
                  out_dir: str, device: torch.device | str = "cpu", aligner: Aligner | None = None,
                  object_masks=None, progress: Progress = None, log: Callable[[str], None] = print,
-                 export_name: str = "asuka_sd15_aligner.safetensors", metadata: dict | None = None):
+                 export_name: str = "asuka_sd15_aligner.safetensors", metadata: dict | None = None,
+                 dist: distributed.DistInfo | None = None):
         config.check()
         if len(train_set) == 0 or len(val_set) == 0:
             raise InputError("Training needs at least one training and one held-out image.")
@@ -187,6 +210,7 @@ class AlignerTrainer:
         self.models = models
         self.train_set, self.val_set = train_set, val_set
         self.device = torch.device(device)
+        self.dist = dist if dist is not None else distributed.current(self.device)
         self.out_dir = out_dir
         self.progress = progress
         self.log = log
@@ -201,6 +225,10 @@ class AlignerTrainer:
                                    object_masks=object_masks)
         self.val_masks = MaskGenerator(res, seed=config.seed + 1, hole_ratio=tuple(config.hole_ratio),
                                        object_masks=self.masks.object_masks or None)
+        self.batches = BatchMaker(train_set, self.masks, config.batch_size, config.grad_accum, config.seed,
+                                  len(models.sigmas), (models.latent_channels, res // 8, res // 8),
+                                  config.p_start, config.p_end, config.p_steps, self.dist)
+        self.stream = BatchStream(self.batches, config.workers, config.prefetch)
         decay, no_decay = [], []
         for name, p in self.aligner.named_parameters():
             (decay if p.ndim >= 2 else no_decay).append(p)
@@ -213,6 +241,11 @@ class AlignerTrainer:
         self.history: dict[str, list] = {"train": [], "val": [], "p": []}
         self._last_saved = -1
         self._eval_aligner: Aligner | None = None
+        self._ddp: nn.Module | None = None
+        self._val_inputs: list | None = None
+        self.timings: dict[str, float] | None = None
+        """Set to a dict to collect seconds per phase of ``train_step`` ("data": waiting
+        for the batch, "backward", "optimizer"; forward passes are timed by the caller)."""
 
     # ---------------------------------------------------------------------- batches
 
@@ -237,19 +270,20 @@ class AlignerTrainer:
             self.models.prepare()
 
     def _micro_batch(self, step: int, micro: int) -> dict:
-        cfg = self.config
-        b = cfg.batch_size
-        first = (step * cfg.grad_accum + micro) * b          # global sample number
-        rng = np.random.default_rng([cfg.seed, step, micro, 1])
-        picks = rng.integers(0, len(self.train_set), size=b)
-        images = torch.stack([self.train_set.sample(int(i), seed=_rng_seed(cfg.seed, first + k))
-                              for k, i in enumerate(picks)])
-        masks = self.masks.batch(range(first, first + b))
-        p = substitution_probability(step, cfg.p_start, cfg.p_end, cfg.p_steps)
-        substitute = torch.from_numpy(rng.random(b) < p)
-        gen = torch.Generator().manual_seed(_rng_seed(cfg.seed, step, micro, 2))
-        t = torch.randint(0, len(self.models.sigmas), (b,), generator=gen)
-        return {"images": images, "masks": masks, "substitute": substitute, "t": t, "gen": gen, "p": p}
+        """This process's share of micro-batch ``micro`` of ``step`` (``data.BatchMaker``)."""
+        return self.stream.get(step * self.config.grad_accum + micro)
+
+    def _timed(self, name: str):
+        if self.timings is None:
+            return contextlib.nullcontext()
+        return _Clock(self.timings, name, self.device)
+
+    @property
+    def trained_module(self) -> nn.Module:
+        """The aligner as trained: in DistributedDataParallel under torchrun."""
+        if self._ddp is None:
+            self._ddp = distributed.wrap(self.aligner, self.dist)
+        return self._ddp
 
     def _inputs(self, images, masks, prior_masks):
         """What the frozen models give for a batch: prior features, z0, masked-image latent."""
@@ -314,28 +348,36 @@ class AlignerTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         self._prepare()
         total, p = 0.0, 0.0
+        module = self.trained_module
         for micro in range(cfg.grad_accum):
-            mb = self._micro_batch(self.step, micro)
+            with self._timed("data"):
+                mb = self._micro_batch(self.step, micro)
             p = mb["p"]
             prior_masks = torch.where(mb["substitute"][:, None, None], torch.zeros_like(mb["masks"]), mb["masks"])
-            loss = self._loss(self.aligner, mb["images"], mb["masks"], prior_masks, mb["t"], noise_gen=mb["gen"])
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"The loss became {loss.item()} at step {self.step}: the learning rate ({cfg.lr}) is probably "
-                    "too high. Resume from the last saved state with a lower one.")
-            scaled = loss / cfg.grad_accum
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            last = micro == cfg.grad_accum - 1
+            with distributed.no_sync(module, skip=not last):
+                loss = self._loss(module, mb["images"], mb["masks"], prior_masks, mb["t"], noise=mb["noise"])
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"The loss became {loss.item()} at step {self.step}: the learning rate ({cfg.lr}) is "
+                        "probably too high. Resume from the last saved state with a lower one.")
+                scaled = loss / cfg.grad_accum
+                with self._timed("backward"):
+                    (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             total += float(loss.detach()) / cfg.grad_accum
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.aligner.parameters(), cfg.max_grad_norm)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.ema.update(self.aligner)
+        with self._timed("optimizer"):
+            if self.scaler:
+                self.scaler.unscale_(self.optimizer)
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.aligner.parameters(), cfg.max_grad_norm)
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            if self.dist.is_main:
+                self.ema.update(self.aligner)
+        total = distributed.mean_over_ranks(total, self.dist)
         self.history["train"].append((self.step, total))
         self.history["p"].append((self.step, p))
         self.step += 1
@@ -358,10 +400,14 @@ class AlignerTrainer:
         cfg, n_t = self.config, max(1, self.config.val_timesteps)
         steps = len(self.models.sigmas)
         total, count = 0.0, 0
-        for i in range(len(self.val_set)):
-            image, mask = self.val_set.sample(i)[None], self.val_masks(i)[None]
-            inputs = self._inputs(image, mask, mask)   # once per image, reused for every timestep
-            gen = torch.Generator().manual_seed(_rng_seed(cfg.seed, 10_000_019, i))
+        if self._val_inputs is None:
+            # Fixed images and masks through frozen models: computed once for the whole run.
+            self._val_inputs = []
+            for i in range(len(self.val_set)):
+                image, mask = self.val_set.sample(i)[None], self.val_masks(i)[None]
+                self._val_inputs.append((self._inputs(image, mask, mask), mask))
+        for i, (inputs, mask) in enumerate(self._val_inputs):
+            gen = torch.Generator().manual_seed(rng_seed(cfg.seed, 10_000_019, i))
             for k in range(n_t):
                 t = torch.tensor([int((k + 0.5) * steps / n_t)])
                 noise = torch.randn(inputs[1].shape, generator=gen)
@@ -405,6 +451,8 @@ class AlignerTrainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "history": json.dumps(self.history),
+            "world_size": self.dist.world_size,
+            "prescaled": bool(self.train_set.cache_dir),
         }
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = path + ".tmp"
@@ -428,6 +476,13 @@ class AlignerTrainer:
         saved = json.loads(state["config"])
         changed = [f"{k} {saved[k]} -> {getattr(self.config, k)}" for k in _RESUME_FIXED
                    if k in saved and _norm(saved[k]) != _norm(getattr(self.config, k))]
+        world = int(state.get("world_size", 1))
+        if "batch_size" in saved and saved["batch_size"] * world != self.batches.global_batch:
+            changed.append(f"global batch (batch_size x processes) {saved['batch_size']} x {world} -> "
+                           f"{self.config.batch_size} x {self.dist.world_size}")
+        if bool(state.get("prescaled", False)) != bool(self.train_set.cache_dir):
+            changed.append(f"pre-scaled image cache {'on' if state.get('prescaled') else 'off'} -> "
+                           f"{'on' if self.train_set.cache_dir else 'off'}")
         if changed:
             raise InputError(
                 "These settings differ from the run being resumed, so it could not continue the same way: "
@@ -438,6 +493,9 @@ class AlignerTrainer:
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
+        if int(state.get("version", 1)) < 2:
+            self.log("note: this state was written by an older version, which drew its batches differently; "
+                     "the run continues with the new draws (the weights and optimiser state are kept).")
         self.history = {k: [tuple(x) for x in v] for k, v in json.loads(state["history"]).items()}
         self._last_saved = self.step
 
@@ -470,9 +528,10 @@ class AlignerTrainer:
         export as configured. Interrupted (Cancel, Ctrl-C, an error), it saves the
         state first so the run can be resumed."""
         cfg = self.config
+        main = self.dist.is_main
         os.makedirs(self.out_dir, exist_ok=True)
         self.preflight()
-        if not self.history["val"] and cfg.val_every > 0:
+        if main and not self.history["val"] and cfg.val_every > 0:
             self._validate()
         log_path = os.path.join(self.out_dir, "log.jsonl")
         t0, start = time.time(), self.step
@@ -481,6 +540,9 @@ class AlignerTrainer:
                 loss = self.train_step()
                 s = self.step
                 rate = (time.time() - t0) / max(1, s - start)
+                report(self.progress, s, cfg.steps)
+                if not main:   # rank 0 logs, validates, samples and saves; the others train on
+                    continue
                 with open(log_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps({"step": s, "loss": loss, "p": self.history["p"][-1][1],
                                         "lr": self.optimizer.param_groups[0]["lr"], "s_per_step": rate}) + "\n")
@@ -495,18 +557,25 @@ class AlignerTrainer:
                     self.save_state()
                     self.export()
                     self.write_curve()
-                report(self.progress, s, cfg.steps)
         except BaseException:
-            if self.step > start and self._last_saved != self.step:
+            self.stream.close()
+            if main and self.step > start and self._last_saved != self.step:
                 self.save_state()
                 self.log(f"stopped at step {self.step}; state saved to {self.state_path} (resume with it)")
             raise
+        self.stream.close()
+        if not main:
+            distributed.barrier(self.dist)   # until rank 0 has written the results
+            return {"aligner": None, "state": None, "loss_curve": None, "samples": None, "steps": self.step,
+                    "train_loss": self.history["train"][-1][1] if self.history["train"] else None,
+                    "val_loss": None, "seconds": time.time() - t0}
         if cfg.val_every:
             self._validate()
         self.save_state()
         export = self.export()
         samples = self.write_samples(f"step_{self.step:06d}")
         curve = self.write_curve()
+        distributed.barrier(self.dist)
         return {"aligner": export, "state": self.state_path, "loss_curve": curve, "samples": samples,
                 "steps": self.step, "train_loss": self.history["train"][-1][1] if self.history["train"] else None,
                 "val_loss": self.history["val"][-1][1] if self.history["val"] else None,
@@ -521,3 +590,20 @@ class AlignerTrainer:
 
 def _norm(v):
     return list(v) if isinstance(v, (list, tuple)) else v
+
+
+class _Clock:
+    """Adds the seconds spent in a ``with`` block to ``timings[name]`` (CUDA synchronised)."""
+
+    def __init__(self, timings: dict, name: str, device: torch.device):
+        self.timings, self.name, self.cuda = timings, name, device.type == "cuda"
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.timings[self.name] = self.timings.get(self.name, 0.0) + time.perf_counter() - self.t0

@@ -134,7 +134,7 @@ def test_gradients_reach_the_aligner_only_and_checkpointing_changes_nothing(comf
         tr = make_trainer(models, photos, tmp_path / str(ckpt))
         tr.optimizer.zero_grad()
         mb = tr._micro_batch(0, 0)
-        loss = tr._loss(tr.aligner, mb["images"], mb["masks"], mb["masks"], mb["t"], noise_gen=mb["gen"])
+        loss = tr._loss(tr.aligner, mb["images"], mb["masks"], mb["masks"], mb["t"], noise=mb["noise"])
         loss.backward()
         assert all(p.grad is None for p in mp.model.diffusion_model.parameters())
         assert not any(p.requires_grad for p in mp.model.diffusion_model.parameters())
@@ -281,3 +281,89 @@ def test_an_interrupted_run_saves_a_resumable_state(comfy, photos, tmp_path):
         tr.run()
     assert torch.load(tr.state_path, weights_only=True)["step"] == 2
     assert not os.path.exists(tr.export_path)
+
+
+# ------------------------------------------------------------------------------ data pipeline
+
+def _maker(photos, **kw):
+    from asuka_core.masks import MaskGenerator
+    from asuka_core.training import image_sets
+    from asuka_core.training.data import BatchMaker
+
+    train, _ = image_sets(photos, RES, holdout=0.25, **kw)
+    return BatchMaker(train, MaskGenerator(RES, seed=0), batch_size=3, grad_accum=2, seed=4, timesteps=1000,
+                      latent_shape=(4, RES // 8, RES // 8), p_steps=4)
+
+
+def test_worker_processes_give_the_same_batches_in_order(photos):
+    from asuka_core.training.data import BatchStream, workers_supported
+
+    if not workers_supported():
+        pytest.skip("DataLoader workers need fork (Linux)")
+    maker = _maker(photos)
+    stream = BatchStream(maker, workers=2, prefetch=2)
+    try:
+        assert stream.workers == 2
+        for n in [5, 6, 7, 8, 2, 3]:          # in order, then a jump back (restarts the workers there)
+            got, want = stream.get(n), maker(n)
+            assert got["n"] == n and got["p"] == want["p"]
+            for key in ("images", "masks", "substitute", "t", "noise"):
+                assert torch.equal(got[key], want[key]), (n, key)
+    finally:
+        stream.close()
+    a, b = maker(0), maker(1)
+    assert not torch.equal(a["images"], b["images"]) and not torch.equal(a["noise"], b["noise"])
+
+
+def test_prescaled_cache_keeps_crops_close_and_is_reused(photos, tmp_path):
+    from asuka_core.training.data import load_image, prescaled_side
+
+    assert prescaled_side(512, 0.7) == 732                  # 0.7 * 732 >= 512: crops never upscaled
+    cache = tmp_path / "cache"
+    plain, cached = _maker(photos), _maker(photos, cache_dir=str(cache))
+    a, b = plain(0)["images"], cached(0)["images"]
+    files = sorted(cache.rglob("*.png"))
+    assert files and cached.images.cache_dir == str(cache)
+    # the test photos are small (80x96 < 92 px side needed at 64 px), so the copies keep their size
+    assert load_image(str(files[0])).shape[:2] == (80, 96)
+    torch.testing.assert_close(a, b)                         # same source pixels -> same crops
+    stamp = [f.stat().st_mtime_ns for f in files]
+    torch.testing.assert_close(cached(0)["images"], b)
+    assert [f.stat().st_mtime_ns for f in files] == stamp   # read back, not made again
+
+
+def test_prescaled_copy_of_a_large_photo(tmp_path):
+    from PIL import Image
+
+    from asuka_core.training.data import load_image, prescaled_image
+
+    rng = np.random.default_rng(0)
+    big = (rng.random((300, 400, 3)) * 255).astype(np.uint8)
+    src = tmp_path / "big.jpg"
+    Image.fromarray(big).save(src, quality=95)
+    out = prescaled_image(str(src), str(tmp_path / "c"), 150)
+    assert out.shape == (150, 200, 3)
+    want = np.asarray(Image.fromarray(load_image(str(src))).resize((200, 150), Image.Resampling.LANCZOS))
+    assert np.array_equal(out, want)
+    assert np.array_equal(prescaled_image(str(src), str(tmp_path / "c"), 150), out)
+
+
+# ------------------------------------------------------------------------------ warm start
+
+def test_warm_start_takes_the_released_clip_aligner_as_an_sd15_aligner(tmp_path):
+    from asuka_core.aligner import TARGET_SD15, load_aligner, save_aligner
+    from asuka_core.training import warm_start_aligner
+    from tests.fixtures import aligner_files
+
+    released = aligner_files.write_official_aligner_pt(tmp_path / "asuka_alignment_clip.pt", 768, seed=4)
+    assert load_aligner(str(tmp_path / "asuka_alignment_clip.pt")).target == "flux_clip"
+    model = warm_start_aligner(str(tmp_path / "asuka_alignment_clip.pt"))
+    assert (model.target, model.width, model.depth, model.training) == (TARGET_SD15, 768, 4, True)
+    got = model.state_dict()
+    assert set(got) == set(aligner_files.without_modulation(released))
+    for k, v in got.items():
+        assert torch.equal(v, released[k].float()), k
+    # an SD1.5 aligner file passes through as it is
+    save_aligner(model, str(tmp_path / "sd15.safetensors"), target=TARGET_SD15)
+    again = warm_start_aligner(str(tmp_path / "sd15.safetensors"))
+    assert all(torch.equal(v, got[k]) for k, v in again.state_dict().items())
