@@ -372,6 +372,7 @@ class DecoderTrainer:
 
     # ---------------------------------------------------------------------- checks
 
+    @torch.no_grad()
     def preflight(self) -> None:
         """One forward pass on a held-out image before any training: the latent shape and
         (with latent augmentation) the UNet turn wiring problems into clear errors."""
