@@ -24,6 +24,7 @@ import torch
 
 from tests.host.comfy_client import REPO, Graph, box_mask, make_picture, unique
 from tests.host.test_host_training import _upload_photos, photos, tiny_checkpoints  # noqa: F401  (fixtures)
+from tests.unit.test_evaluate_learned import lpips_files  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.host
 
@@ -37,16 +38,6 @@ def run_cli(comfy_dir: str, *args: str, timeout: float = 900) -> subprocess.Comp
     return subprocess.run([sys.executable, TRAIN_SCRIPT, "--comfy", comfy_dir, "--cpu", *args],
                           capture_output=True, text=True, timeout=timeout, cwd=REPO,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
-
-
-@pytest.fixture(scope="module")
-def lpips_files(tmp_path_factory):
-    lpips = pytest.importorskip("lpips")
-    torchvision = pytest.importorskip("torchvision")
-    d = tmp_path_factory.mktemp("lpips")
-    torch.manual_seed(0)
-    torch.save(torchvision.models.alexnet(weights=None).state_dict(), d / "alexnet.pth")
-    return str(d / "alexnet.pth"), os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", "alex.pth")
 
 
 def test_cli_trains_a_decoder_that_the_sd15_example_decodes_with(host, comfy, comfy_dir, tiny_checkpoints, photos,

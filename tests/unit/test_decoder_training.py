@@ -31,6 +31,7 @@ from asuka_core.training import (DecoderFrozen, DecoderTrainConfig, DecoderTrain
 from asuka_core.training import decoder_augment as aug
 from asuka_core.training.decoder_losses import adaptive_weight
 from tests.fixtures import decoder_files, tiny_sd
+from tests.unit.test_evaluate_learned import lpips_files  # noqa: F401  (fixture: the lpips package's weights)
 
 RES = 64
 
@@ -355,12 +356,17 @@ def test_latent_augmentation_needs_the_inpainting_unet(photo_sets, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def lpips_net(tmp_path_factory):
-    lpips = pytest.importorskip("lpips")
-    torchvision = pytest.importorskip("torchvision")
-    torch.manual_seed(0)
-    alex = torchvision.models.alexnet(weights=None)
-    d = tmp_path_factory.mktemp("lpips")
-    torch.save(alex.state_dict(), d / "alexnet.pth")
-    lin = os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", "alex.pth")
-    return LPIPS.from_files(str(d / "alexnet.pth"), lin)
+def lpips_net(lpips_files):
+    alexnet, lin, _ = lpips_files
+    return LPIPS.from_files(alexnet, lin)
+
+
+def test_lpips_distance_is_the_metric_with_gradients(lpips_net):
+    gen = torch.Generator().manual_seed(0)
+    a = (torch.rand(2, 3, 64, 64, generator=gen) * 2 - 1).requires_grad_(True)
+    b = torch.rand(2, 3, 64, 64, generator=gen) * 2 - 1
+    d = lpips_net.distance(a, b)
+    assert torch.allclose(d.detach(), lpips_net(a, b))
+    d.sum().backward()
+    assert a.grad is not None and a.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in lpips_net.parameters())
