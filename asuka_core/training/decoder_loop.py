@@ -614,6 +614,7 @@ class DecoderTrainer:
         if self.history["val"]:
             meta["asuka.training.val_loss"] = f"{self.history['val'][-1][1]:.6g}"
         tensors = ldm_state_dict({k: v.detach().cpu().contiguous() for k, v in self.ema.shadow.items()})
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = path + ".tmp.safetensors"
         ckpt_mod.save_safetensors(tensors, tmp, metadata=meta)
         os.replace(tmp, path)

@@ -329,6 +329,28 @@ def test_start_from_the_sd_vae_decoder_with_a_new_condition_branch(photo_sets, t
     assert not t.decoder.post_quant_conv.weight.requires_grad
 
 
+def test_starts_from_a_diffusers_asymmetric_vqgan_folder(photo_sets, tmp_path):
+    pytest.importorskip("diffusers")
+    folder = tmp_path / "x-1-5-small"
+    ref = decoder_files.write_diffusers_folder(folder, seed=5, config=decoder_files.SMALL_DIFFUSERS_CONFIG)
+    dec = start_decoder(str(folder))
+    assert dec.kind == KIND_AVQ
+    torch.testing.assert_close(dec.conv_out.weight, ref.decoder.conv_out.weight.float())
+    t = trainer(photo_sets, tmp_path / "run", decoder=dec, cfg=config(latent_aug_prob=0.0), fz=frozen(False))
+    t.train_step()
+    reloaded = load_decoder(t.export())
+    for k, v in reloaded.state_dict().items():
+        assert torch.equal(v, t.ema.shadow[k]), k
+
+
+def test_bf16_autocast_step_keeps_fp32_weights(photo_sets, tmp_path):
+    t = trainer(photo_sets, tmp_path, cfg=config(precision="bf16", disc_start=0, steps=2))
+    loss = t.train_step()
+    assert np.isfinite(loss)
+    assert all(p.dtype == torch.float32 for p in t.decoder.parameters())
+    assert all(v.dtype == torch.float32 for v in t.ema.shadow.values())
+
+
 # ------------------------------------------------------------------------------ bad input
 
 def test_wrong_decoder_family_is_refused():
