@@ -190,10 +190,11 @@ class TrainDecoder(io.ComfyNode):
                                  sample_every=min(2000, steps), log_every=10)
         cfg.check()
         train_set, val_set = image_sets(folder, resolution, seed=seed)
-        perceptual = perceptual_net(lpips_weight, lpips_weights, alexnet_weights, _model_file)
         out_dir = os.path.join(folder_paths.get_output_directory(), RUNS_FOLDER, name)
         progress = common.progress_bar(steps)
         with training_glue.training_mode():
+            # built outside ComfyUI's inference mode: gradients flow through LPIPS to the decoder
+            perceptual = perceptual_net(lpips_weight, lpips_weights, alexnet_weights, _model_file)
             decoder, fresh, start = build_start_decoder(start_decoder, vae, common.model_path, seed=seed)
             frozen, device, note = frozen_models(vae, model, clip, latent_augmentation=latent_aug_prob > 0)
             if note:

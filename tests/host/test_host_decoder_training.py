@@ -8,7 +8,7 @@ checkpoint that ComfyUI's own loader accepts (``tests/fixtures/tiny_sd.py``):
 * the CLI refuses a non-inpainting checkpoint and a FLUX decoder before training;
 * the node (ASUKA_TrainDecoder) trains from the checkpoint's own VAE decoder with a new
   condition branch inside the server (under ComfyUI's inference mode), and its decoder
-  output decodes in the same prompt.
+  output decodes in the same prompt; Cancel stops a run with a resumable state saved.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -109,14 +110,16 @@ def test_cli_refuses_bad_inputs_before_training(host, comfy_dir, tiny_checkpoint
         assert not (run_dir / "training_state.pt").exists()
 
 
-def test_train_decoder_node_from_the_vae_decodes_in_the_same_prompt(host, comfy, tiny_checkpoints, photos):
+def test_train_decoder_node_from_the_vae_decodes_in_the_same_prompt(host, comfy, tiny_checkpoints, photos,
+                                                                    lpips_files):
     picture, mask = make_picture(RES, seed=15), box_mask(RES)
     run_name = unique("decoder_node_run").replace("-", "_")
     g = Graph()
     ckpt = g.add("CheckpointLoaderSimple", _id="ckpt", ckpt_name=os.path.basename(tiny_checkpoints[9]))
     train = g.add("ASUKA_TrainDecoder", _id="train", model=ckpt[0], vae=ckpt[2], start_decoder="vae",
-                  images_folder=_upload_photos(comfy, photos), lpips_weights="", alexnet_weights="", steps=2,
-                  batch_size=1, grad_accum=1, learning_rate=8e-5, l1_weight=1.0, lpips_weight=0.0, disc_start=1,
+                  images_folder=_upload_photos(comfy, photos), lpips_weights=lpips_files[1],
+                  alexnet_weights=lpips_files[0], steps=2, batch_size=1, grad_accum=1, learning_rate=8e-5,
+                  l1_weight=1.0, lpips_weight=0.5, disc_start=1,
                   latent_aug_prob=0.5, resolution=RES, precision="auto", run_name=run_name, resume=False, seed=0,
                   save_to_models=False)
     load = g.add("LoadImage", _id="img", image=comfy.upload_image(picture, mask))
@@ -137,3 +140,29 @@ def test_train_decoder_node_from_the_vae_decodes_in_the_same_prompt(host, comfy,
 
     trained = load_decoder(os.path.join(run_dir, run_name + ".safetensors"))
     assert trained.kind == "avq"
+
+
+def test_cancel_stops_decoder_training_with_a_resumable_state(host, comfy, tiny_checkpoints, photos):
+    run_name = unique("decoder_cancelled").replace("-", "_")
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", _id="ckpt", ckpt_name=os.path.basename(tiny_checkpoints[9]))
+    train = g.add("ASUKA_TrainDecoder", _id="train", model=ckpt[0], vae=ckpt[2],
+                  start_decoder=host.models.avq_decoder, images_folder=_upload_photos(comfy, photos),
+                  lpips_weights="", alexnet_weights="", steps=100_000, batch_size=1, grad_accum=1,
+                  learning_rate=8e-5, l1_weight=1.0, lpips_weight=0.0, disc_start=0, latent_aug_prob=0.5,
+                  resolution=RES, precision="auto", run_name=run_name, resume=False, seed=0, save_to_models=False)
+    g.add("SaveImage", _id="curve", images=train[1], filename_prefix=unique("decoder-curve"))
+    run_dir = os.path.join(comfy.output_dir, "asuka_training", run_name)
+    pid, body = comfy.queue(g.prompt())
+    assert pid, body
+    t0 = time.time()
+    while not os.path.isfile(os.path.join(run_dir, "log.jsonl")):      # first step done
+        assert time.time() - t0 < 300, "training never started:\n" + comfy.log_tail()
+        time.sleep(0.5)
+    t_int = time.time()
+    comfy.interrupt()
+    res = comfy.wait(pid, timeout=300)
+    assert res.status == "error" and res.interrupted, res.describe()
+    assert time.time() - t_int < 60
+    state = torch.load(os.path.join(run_dir, "training_state.pt"), weights_only=True)
+    assert 1 <= state["step"] < 100_000
