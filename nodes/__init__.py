@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import aligner, decoder, flux, hd_painter, mae, super_resolution, training
+from . import aligner, decoder, decoder_training, flux, hd_painter, mae, super_resolution, training
 
 NODES: list[type[io.ComfyNode]] = [
     *mae.NODES, *aligner.NODES, *decoder.NODES, *flux.NODES, *hd_painter.NODES, *super_resolution.NODES,
-    *training.NODES,
+    *training.NODES, *decoder_training.NODES,
 ]
 
 

