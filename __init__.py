@@ -11,9 +11,10 @@ WEB_DIRECTORY = "./web"
 
 async def comfy_entrypoint():
     from .nodes import AsukaExtension
-    from .nodes.common import register_model_folder
+    from .nodes.common import quiet_user_errors, register_model_folder
 
     register_model_folder()
+    quiet_user_errors()
     return AsukaExtension()
 
 

@@ -27,11 +27,16 @@ class AlignerLoader(io.ComfyNode):
                                tooltip="Aligner weights in models/asuka (.safetensors, .pt)."),
             ],
             outputs=[ALIGNER.Output(display_name="aligner", tooltip="The aligner.")],
+            hidden=[io.Hidden.prompt],
         )
 
     @classmethod
+    def validate_inputs(cls, aligner_name: str) -> bool:
+        return True  # a missing file is reported when the node runs, with every missing file of the graph
+
+    @classmethod
     def execute(cls, aligner_name: str) -> io.NodeOutput:
-        return io.NodeOutput(common.load_patched_model(aligner_name, load_aligner, role="encoder"))
+        return io.NodeOutput(common.load_patched_model(aligner_name, load_aligner, role="encoder", node_cls=cls))
 
 
 class AlignerConditioning(io.ComfyNode):

@@ -39,11 +39,16 @@ class DecoderLoader(io.ComfyNode):
                                tooltip="Decoder weights in models/asuka (.safetensors, .ckpt, .bin)."),
             ],
             outputs=[DECODER.Output(display_name="decoder", tooltip="The masked decoder.")],
+            hidden=[io.Hidden.prompt],
         )
 
     @classmethod
+    def validate_inputs(cls, decoder_name: str) -> bool:
+        return True  # a missing file is reported when the node runs, with every missing file of the graph
+
+    @classmethod
     def execute(cls, decoder_name: str) -> io.NodeOutput:
-        return io.NodeOutput(common.load_patched_model(decoder_name, load_decoder, role="decoder"))
+        return io.NodeOutput(common.load_patched_model(decoder_name, load_decoder, role="decoder", node_cls=cls))
 
 
 class MaskedDecode(io.ComfyNode):

@@ -26,11 +26,16 @@ class MAELoader(io.ComfyNode):
                                tooltip="MAE weights in models/asuka (.pth, .pt, .ckpt or .safetensors)."),
             ],
             outputs=[MAE.Output(display_name="mae", tooltip="The MAE prior encoder.")],
+            hidden=[io.Hidden.prompt],
         )
 
     @classmethod
+    def validate_inputs(cls, mae_name: str) -> bool:
+        return True  # a missing file is reported when the node runs, with every missing file of the graph
+
+    @classmethod
     def execute(cls, mae_name: str) -> io.NodeOutput:
-        return io.NodeOutput(common.load_patched_model(mae_name, load_mae, role="encoder"))
+        return io.NodeOutput(common.load_patched_model(mae_name, load_mae, role="encoder", node_cls=cls))
 
 
 class MAEPrior(io.ComfyNode):
