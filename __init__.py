@@ -11,10 +11,11 @@ WEB_DIRECTORY = "./web"
 
 async def comfy_entrypoint():
     from .nodes import AsukaExtension
-    from .nodes.common import quiet_user_errors, register_model_folder
+    from .nodes.common import install_example_images, quiet_user_errors, register_model_folder
 
     register_model_folder()
     quiet_user_errors()
+    install_example_images()
     return AsukaExtension()
 
 

@@ -70,6 +70,18 @@ MODEL_SOURCES: tuple[ModelSource, ...] = (
                 url=X4_REPO + "/resolve/main/x4-upscaler-ema.safetensors", node="CheckpointLoaderSimple"),
 )
 
+# Model inputs of the loaders that the pack's workflows use: node type -> input -> folder.
+LOADER_INPUTS: dict[str, dict[str, str]] = {
+    "ASUKA_MAELoader": {"mae_name": "asuka"},
+    "ASUKA_AlignerLoader": {"aligner_name": "asuka"},
+    "ASUKA_DecoderLoader": {"decoder_name": "asuka"},
+    "CheckpointLoaderSimple": {"ckpt_name": "checkpoints"},
+    "UNETLoader": {"unet_name": "diffusion_models"},
+    "VAELoader": {"vae_name": "vae"},
+    "CLIPLoader": {"clip_name": "text_encoders"},
+    "DualCLIPLoader": {"clip_name1": "text_encoders", "clip_name2": "text_encoders"},
+}
+
 BY_NAME: dict[str, ModelSource] = {s.name: s for s in MODEL_SOURCES}
 SD15_ALIGNER = BY_NAME["asuka_sd15_aligner.safetensors"]
 
@@ -130,4 +142,6 @@ def workflow_metadata(name: str, folder: str) -> dict | None:
     entry = source_for(name, folder)
     if entry is None or not entry.downloadable:
         return None
-    return {"name": name, "url": entry.url or entry.page, "directory": folder}
+    # The dialog lists one entry per url: files that share a page get it with their name as
+    # the fragment.
+    return {"name": name, "url": entry.url or f"{entry.page}#{name}", "directory": folder}

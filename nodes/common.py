@@ -22,7 +22,7 @@ import folder_paths
 
 from ..asuka_core.checkpoint import MODEL_EXTENSIONS
 from ..asuka_core.errors import AsukaError, CheckpointError
-from ..asuka_core.model_sources import missing_files_message
+from ..asuka_core.model_sources import LOADER_INPUTS, missing_files_message
 
 log = logging.getLogger("comfyui-asuka")
 
@@ -67,21 +67,35 @@ def quiet_user_errors(logger: logging.Logger | None = None) -> None:
         logger.addFilter(_UserErrorTraceback())
 
 
+EXAMPLE_INPUTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "example_workflows",
+                              "input")
+
+
+def install_example_images() -> list[str]:
+    """Copy the example workflows' pictures (``example_workflows/input``) into ComfyUI's input
+    folder, so that the templates' LoadImage finds them; a file of the same name that is
+    already there is left alone. Returns the names copied."""
+    import shutil
+
+    if not os.path.isdir(EXAMPLE_INPUTS):
+        return []
+    target = folder_paths.get_input_directory()
+    copied = []
+    for name in sorted(os.listdir(EXAMPLE_INPUTS)):
+        src, dst = os.path.join(EXAMPLE_INPUTS, name), os.path.join(target, name)
+        if not name.endswith((".png", ".webp")) or os.path.exists(dst):
+            continue
+        try:
+            os.makedirs(target, exist_ok=True)
+            shutil.copyfile(src, dst)
+            copied.append(name)
+        except OSError as e:  # a read-only input folder must not stop the pack from loading
+            log.warning("could not copy the example picture %s to %s: %s", name, target, e)
+    return copied
+
+
 def model_files() -> list[str]:
     return folder_paths.get_filename_list(MODEL_FOLDER)
-
-
-# Model inputs of the loaders that the pack's workflows use: node type -> input -> folder.
-LOADER_INPUTS: dict[str, dict[str, str]] = {
-    "ASUKA_MAELoader": {"mae_name": MODEL_FOLDER},
-    "ASUKA_AlignerLoader": {"aligner_name": MODEL_FOLDER},
-    "ASUKA_DecoderLoader": {"decoder_name": MODEL_FOLDER},
-    "CheckpointLoaderSimple": {"ckpt_name": "checkpoints"},
-    "UNETLoader": {"unet_name": "diffusion_models"},
-    "VAELoader": {"vae_name": "vae"},
-    "CLIPLoader": {"clip_name": "text_encoders"},
-    "DualCLIPLoader": {"clip_name1": "text_encoders", "clip_name2": "text_encoders"},
-}
 
 
 def missing_model_files(prompt: dict | None) -> list[tuple[str, str, str]]:

@@ -49,6 +49,10 @@ def test_workflow_metadata_is_the_frontends_format():
                     "directory": "vae"}
     assert ms.workflow_metadata("asuka_sd15_aligner.safetensors", "asuka") is None   # nothing to download
     assert ms.workflow_metadata("unknown.safetensors", "vae") is None
+    # the frontend keeps one entry per url: files that share a page must still differ
+    urls = {ms.workflow_metadata(n, "asuka")["url"] for n in ("mae_300.pth", "asuka_decoder.ckpt",
+                                                              "asuka_alignment_clip.pt", "asuka_alignment_t5.pt")}
+    assert len(urls) == 4
     for entry in ms.MODEL_SOURCES:
         for url in (entry.page, entry.url):
             assert url is None or url.startswith("https://huggingface.co/"), url  # the dialog's allowed source
