@@ -17,7 +17,9 @@ class AlignerLoader(io.ComfyNode):
             display_name="Load ASUKA Aligner",
             category=CATEGORY,
             description=(
-                "Loads an ASUKA aligner from models/asuka. SD1.5 graphs need an SD1.5 aligner "
+                "Loads the aligner, which turns the MAE's guess about the hole into something the image "
+                "model understands. "
+                "The file comes from models/asuka. SD1.5 graphs need an SD1.5 aligner "
                 "(safetensors marked 'sd15'); none is published yet, so it has to be trained. The "
                 "released FLUX aligners (asuka_alignment_clip.pt / _t5.pt) load but are refused by "
                 "the SD1.5 conditioning node."
@@ -47,6 +49,7 @@ class AlignerConditioning(io.ComfyNode):
             display_name="ASUKA Aligner Conditioning (SD1.5)",
             category=CATEGORY,
             description=(
+                "Uses the MAE's guess about the hole instead of a text prompt, for SD1.5 inpainting. "
                 "Turns the MAE prior into SD1.5 conditioning that replaces the text prompt: 256 "
                 "tokens of width 768 for the UNet's cross-attention. Connect positive and negative "
                 "to InpaintModelConditioning, then KSampler. Use cfg 1.0 (ASUKA is run without "

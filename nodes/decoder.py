@@ -29,7 +29,9 @@ class DecoderLoader(io.ComfyNode):
             display_name="Load ASUKA Masked Decoder",
             category=CATEGORY,
             description=(
-                "Loads a masked decoder from models/asuka: an Asymmetric VQGAN decoder for SD1.5 "
+                "Loads the decoder that turns the sampled result into pixels without colour seams at the "
+                "edge of the hole. "
+                "The file comes from models/asuka: an Asymmetric VQGAN decoder for SD1.5 "
                 "latents (diffusers AsymmetricAutoencoderKL x1.5 / x2, or the original checkpoints) "
                 "or the ASUKA decoder for FLUX latents (asuka_decoder.ckpt). The kind and size are "
                 "read from the weights."
@@ -59,8 +61,9 @@ class MaskedDecode(io.ComfyNode):
             display_name="ASUKA Masked Decode",
             category=CATEGORY,
             description=(
-                "Decodes a latent to pixels while looking at the known pixels and the mask, so the "
-                "fill keeps the picture's colours and leaves no seam. Use it in place of VAE Decode "
+                "Turns the sampled result into the picture, with the fill's colours matching the rest and "
+                "no seam at the edge of the hole. "
+                "It decodes the latent while looking at the known pixels and the mask. Use it in place of VAE Decode "
                 "after an inpainting KSampler."
             ),
             inputs=[

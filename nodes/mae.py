@@ -17,7 +17,9 @@ class MAELoader(io.ComfyNode):
             display_name="Load ASUKA MAE Prior",
             category=CATEGORY,
             description=(
-                "Loads the ASUKA masked autoencoder (MAE) from models/asuka, e.g. the official "
+                "Loads the model that guesses what belongs in the hole from the rest of the picture (the "
+                "MAE prior). "
+                "The file comes from models/asuka, e.g. the official "
                 "mae_300.pth from the ASUKA-FLUX.1-Fill release, loaded as released without running "
                 "code from the file. The architecture (ViT-B or ViT-L) is read from the weights."
             ),
@@ -46,6 +48,8 @@ class MAEPrior(io.ComfyNode):
             display_name="ASUKA MAE Prior",
             category=CATEGORY,
             description=(
+                "Looks at the picture around the hole and works out what should go in it, so the fill does "
+                "not invent unrelated objects. "
                 "Encodes what the MAE infers about the masked area from the unmasked pixels only. "
                 "The image is resized to 256x256 (squashed, as the official code does, whatever its "
                 "aspect ratio); 16x16 patches that touch the hole are hidden from the encoder, so "
