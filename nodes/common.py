@@ -131,8 +131,8 @@ def model_path(name: str, prompt: dict | None = None, node_type: str = "") -> st
 def loader_path(node_cls, name: str) -> str:
     """``model_path`` for a loader node: its prompt (hidden input) gives the other files."""
     hidden = getattr(node_cls, "hidden", None)
-    schema_id = node_cls.GET_SCHEMA().node_id if hasattr(node_cls, "GET_SCHEMA") else ""
-    return model_path(name, getattr(hidden, "prompt", None), schema_id)
+    node_id = getattr(getattr(node_cls, "SCHEMA", None), "node_id", "")   # read only: the class may be locked
+    return model_path(name, getattr(hidden, "prompt", None), node_id)
 
 
 ROLE_ENCODER = "encoder"

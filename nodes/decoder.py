@@ -10,7 +10,7 @@ from ..asuka_core.decoder import crop_like_vae_encode, decode_memory_estimate, l
 from ..asuka_core.errors import AsukaError, InputError
 from ..asuka_core.imaging import composite as paste_fill, prepare_image_and_mask
 from ..asuka_core.tiling import MIN_TILE
-from . import common
+from . import common, previews
 from .types import CATEGORY, DECODER
 
 # Latent cells per tile when an untiled decode runs out of memory, largest first. The last
@@ -115,7 +115,8 @@ class MaskedDecode(io.ComfyNode):
             image, mask = prepare_image_and_mask(image, mask, require_hole=False)
             image, mask = crop_like_vae_encode(image, mask, model.config.scale)  # as decode() did
             pixels = paste_fill(image.to(pixels.device), pixels, mask.to(pixels.device))
-        return io.NodeOutput(pixels.to(common.intermediate_device()))
+        pixels = pixels.to(common.intermediate_device())
+        return io.NodeOutput(pixels, ui=previews.decode_preview(pixels, mask))
 
     @classmethod
     def _decode_tiled_fallback(cls, model, latent, image, mask, overlap):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..asuka_core.mae import load_mae
-from . import common
+from . import common, previews
 from .types import CATEGORY, MAE, PRIOR
 
 
@@ -76,7 +76,7 @@ class MAEPrior(io.ComfyNode):
         model = common.activate(mae)
         prior = model.encode(image, mask, progress=common.progress_bar(image.shape[0]))
         prior = prior.to(common.intermediate_device())
-        return io.NodeOutput(prior, prior.reconstruction)
+        return io.NodeOutput(prior, prior.reconstruction, ui=previews.prior_preview(image, mask, prior))
 
 
 NODES = [MAELoader, MAEPrior]
