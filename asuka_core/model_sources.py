@@ -120,7 +120,7 @@ def missing_files_message(missing: list[tuple[str, str, str]], folder_paths: dic
     lines = [f"{len(unique)} model file{'s are' if len(unique) != 1 else ' is'} missing:"]
     for node, folder, name in unique:
         dirs = folder_paths.get(folder) or []
-        where = dirs[0] if dirs else f"models/{folder}"
+        where = f"models/{folder}" + (f" [{dirs[0]}]" if dirs else "")
         lines.append(f"- {name} -> {where} ({node}); {describe_source(source_for(name, folder, node))}")
     lines.append("Put the files there, then press 'r' in the browser to refresh the file lists "
                  "(or pick files you already have in the loaders).")

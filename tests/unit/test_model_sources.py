@@ -27,12 +27,12 @@ def test_missing_message_lists_every_file_with_folder_and_source():
     text = ms.missing_files_message(missing, {"asuka": ["/m/asuka", "/other"], "diffusion_models": ["/m/dm"]})
     lines = text.splitlines()
     assert lines[0] == "4 model files are missing:"
-    assert "mae_300.pth -> /m/asuka" in lines[1] and ms.ASUKA_FLUX_REPO in lines[1]
+    assert "mae_300.pth -> models/asuka [/m/asuka]" in lines[1] and ms.ASUKA_FLUX_REPO in lines[1]
     # an aligner that is not a released FLUX file is an SD1.5 aligner: nobody publishes one
-    assert "my_aligner.safetensors -> /m/asuka" in lines[2] and "cannot be downloaded" in lines[2]
+    assert "my_aligner.safetensors -> models/asuka [/m/asuka]" in lines[2] and "cannot be downloaded" in lines[2]
     assert "train" in lines[2]
-    assert "/m/dm" in lines[3] and "resolve/main/flux1-fill-dev.safetensors" in lines[3]
-    assert "models/checkpoints" in lines[4] and "not a file this pack knows" in lines[4]
+    assert "models/diffusion_models [/m/dm]" in lines[3] and "resolve/main/flux1-fill-dev.safetensors" in lines[3]
+    assert "-> models/checkpoints (" in lines[4] and "not a file this pack knows" in lines[4]
     assert len(lines) == 6
 
 
