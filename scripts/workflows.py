@@ -441,7 +441,8 @@ def fetch_object_info(server: str) -> dict:
 
 # ComfyUI's template browser (frontend 1.32 and 1.48) shows a pack's workflow file names as
 # their titles, and repeats them as descriptions: so each file is named by its title, in plain
-# words, numbered in the order a new user should try them (the browser's A-Z sort keeps it).
+# words, numbered in the order a new user should try them (web/js/asuka.js sorts the pack's
+# list, which ComfyUI gives in the folder's order).
 # No characters that Windows forbids in file names.
 TITLES = {
     "asuka_flux_fill": "1. Remove an object with ASUKA on FLUX.1-Fill",

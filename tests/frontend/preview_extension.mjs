@@ -35,6 +35,10 @@ try {
   await page.waitForFunction(() => window.app && window.app.graph && window.LiteGraph, null, { timeout: 60000 });
   report.extensionLoaded = await page.evaluate(
     () => (window.app.extensions || []).some((e) => e.name === "comfyui-asuka.previews"));
+  report.templates = await page.evaluate(async () => {
+    const { api } = await import("/scripts/api.js");
+    return Object.values(await api.getWorkflowTemplates()).find((names) => names.some((n) => n.startsWith("1. ")));
+  });
   await page.evaluate(async (wf) => { await window.app.loadGraphData(wf); }, workflow);
   for (let i = 0; i < 3; i++) { await page.keyboard.press("Escape"); await page.waitForTimeout(200); }
   const before = await page.evaluate(() => window.app.graph.serialize().nodes.map((n) => [n.type, n.widgets_values]));

@@ -4,6 +4,7 @@
 // at tinted pink) beside the MAE's own reconstruction, and the Masked Decode node shows its
 // result with a toggle that lays the outline of the hole over it. The pictures come from the
 // nodes' "asuka_preview" ui output (nodes/previews.py); without this file nothing changes.
+// It also lists the pack's templates in their numbered order.
 import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
 
@@ -101,6 +102,21 @@ function showDecode(node, entries) {
 }
 
 const SHOW = { ASUKA_MAEPrior: showPrior, ASUKA_MaskedDecode: showDecode };
+
+// ComfyUI lists a pack's templates in the order its folder happens to give them; the pack's
+// file names are numbered titles (scripts/workflows.py), so sorting them puts them in the
+// order a new user should try them. Only this pack's list is touched.
+const FIRST_TEMPLATE = "1. Remove an object with ASUKA on FLUX.1-Fill";
+const getWorkflowTemplates = api.getWorkflowTemplates?.bind(api);
+if (getWorkflowTemplates) {
+  api.getWorkflowTemplates = async function () {
+    const templates = await getWorkflowTemplates();
+    for (const names of Object.values(templates || {})) {
+      if (Array.isArray(names) && names.includes(FIRST_TEMPLATE)) names.sort((a, b) => a.localeCompare(b));
+    }
+    return templates;
+  };
+}
 
 app.registerExtension({
   name: "comfyui-asuka.previews",
