@@ -30,7 +30,8 @@ def _save(pictures: list[tuple[str, torch.Tensor]]) -> dict:
 def prior_preview(image: torch.Tensor, mask: torch.Tensor, prior) -> dict:
     """MAE Prior: the picture with the patches the MAE does not see tinted, and its reconstruction."""
     image, _ = prepare_image_and_mask(image, mask, require_hole=False)
-    view = previews.hidden_patch_overlay(previews.fit(image[:1].float().cpu(), MAX_SIDE), prior.patch_mask[:1].cpu())
+    view = previews.fit(image[:1].float().cpu(), MAX_SIDE)
+    view = previews.hidden_patch_overlay(view, prior.patch_mask[:1].cpu())
     recon = previews.fit(prior.reconstruction[:1].float().cpu(), MAX_SIDE)
     return _save([("prior_view", view[0]), ("reconstruction", recon[0])])
 
@@ -38,6 +39,7 @@ def prior_preview(image: torch.Tensor, mask: torch.Tensor, prior) -> dict:
 def decode_preview(pixels: torch.Tensor, mask: torch.Tensor) -> dict:
     """Masked Decode: the result, and the outline of the hole as a transparent layer over it."""
     pixels, mask = prepare_image_and_mask(pixels[:1].float().cpu(), mask, require_hole=False)
+    pixels, mask = pixels[:1], mask[:1].cpu()   # one image for many masks is broadcast: keep the first
     result = previews.fit(pixels, MAX_SIDE * 2)
-    outline = previews.outline_layer(previews.fit(mask[:1].unsqueeze(-1), MAX_SIDE * 2)[..., 0])
+    outline = previews.outline_layer(previews.fit(mask.unsqueeze(-1), MAX_SIDE * 2)[..., 0])
     return _save([("result", result[0]), ("outline", outline[0])])
