@@ -15,11 +15,13 @@ async def comfy_entrypoint():
     warn_if_changed()   # one warning naming what changed, if this ComfyUI differs from the tested ones
     try:
         from .nodes import AsukaExtension
-        from .nodes.common import register_model_folder
+        from .nodes.common import install_example_images, quiet_user_errors, register_model_folder
     except (ImportError, AttributeError) as e:
         raise ImportError(load_error(e)) from e
 
     register_model_folder()
+    quiet_user_errors()
+    install_example_images()
     return AsukaExtension()
 
 

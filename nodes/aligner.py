@@ -18,7 +18,9 @@ class AlignerLoader(io.ComfyNode):
             display_name="Load ASUKA Aligner",
             category=CATEGORY,
             description=(
-                "Loads an ASUKA aligner from models/asuka. SD1.5 graphs need an SD1.5 aligner "
+                "Loads the aligner, which turns the MAE's guess about the hole into something the image "
+                "model understands. "
+                "The file comes from models/asuka. SD1.5 graphs need an SD1.5 aligner "
                 "(safetensors marked 'sd15'); none is published yet, so it has to be trained. The "
                 "released FLUX aligners (asuka_alignment_clip.pt / _t5.pt) load but are refused by "
                 "the SD1.5 conditioning node."
@@ -28,11 +30,16 @@ class AlignerLoader(io.ComfyNode):
                                tooltip="Aligner weights in models/asuka (.safetensors, .pt)."),
             ],
             outputs=[ALIGNER.Output(display_name="aligner", tooltip="The aligner.")],
+            hidden=[io.Hidden.prompt],
         )
 
     @classmethod
+    def validate_inputs(cls, aligner_name: str) -> bool:
+        return True  # a missing file is reported when the node runs, with every missing file of the graph
+
+    @classmethod
     def execute(cls, aligner_name: str) -> io.NodeOutput:
-        return io.NodeOutput(common.load_patched_model(aligner_name, load_aligner, role="encoder"))
+        return io.NodeOutput(common.load_patched_model(aligner_name, load_aligner, role="encoder", node_cls=cls))
 
 
 class AlignerConditioning(io.ComfyNode):
@@ -43,6 +50,7 @@ class AlignerConditioning(io.ComfyNode):
             display_name="ASUKA Aligner Conditioning (SD1.5)",
             category=CATEGORY,
             description=(
+                "Uses the MAE's guess about the hole instead of a text prompt, for SD1.5 inpainting. "
                 "Turns the MAE prior into SD1.5 conditioning that replaces the text prompt: 256 "
                 "tokens of width 768 for the UNet's cross-attention. Connect positive and negative "
                 "to InpaintModelConditioning, then KSampler. Use cfg 1.0 (ASUKA is run without "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import weakref
 from typing import Callable
 
@@ -20,7 +21,8 @@ import comfy.utils
 import folder_paths
 
 from ..asuka_core.checkpoint import MODEL_EXTENSIONS
-from ..asuka_core.errors import AsukaError
+from ..asuka_core.errors import AsukaError, CheckpointError
+from ..asuka_core.model_sources import LOADER_INPUTS, missing_files_message
 
 log = logging.getLogger("comfyui-asuka")
 
@@ -45,19 +47,92 @@ def register_model_folder() -> None:
     extensions.update(MODEL_EXTENSIONS)
 
 
+class _UserErrorTraceback(logging.Filter):
+    """Drops the traceback ComfyUI logs after a node fails, when the failure is an
+    :class:`AsukaError` (a problem with the user's files or inputs, whose message says what
+    to do). ComfyUI's one-line "Exception during processing" record, the error dialog and
+    every other traceback are left alone."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or not str(record.msg).startswith("Traceback"):
+            return True
+        return not isinstance(sys.exc_info()[1], AsukaError)
+
+
+def quiet_user_errors(logger: logging.Logger | None = None) -> None:
+    """Log expected user errors as one line: install :class:`_UserErrorTraceback` on the
+    logger ComfyUI's executor writes to (the root logger), once."""
+    logger = logger or logging.getLogger()
+    if not any(isinstance(f, _UserErrorTraceback) for f in logger.filters):
+        logger.addFilter(_UserErrorTraceback())
+
+
+EXAMPLE_INPUTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "example_workflows",
+                              "input")
+
+
+def install_example_images() -> list[str]:
+    """Copy the example workflows' pictures (``example_workflows/input``) into ComfyUI's input
+    folder, so that the templates' LoadImage finds them; a file of the same name that is
+    already there is left alone. Returns the names copied."""
+    import shutil
+
+    if not os.path.isdir(EXAMPLE_INPUTS):
+        return []
+    target = folder_paths.get_input_directory()
+    copied = []
+    for name in sorted(os.listdir(EXAMPLE_INPUTS)):
+        src, dst = os.path.join(EXAMPLE_INPUTS, name), os.path.join(target, name)
+        if not name.endswith((".png", ".webp")) or os.path.exists(dst):
+            continue
+        try:
+            os.makedirs(target, exist_ok=True)
+            shutil.copyfile(src, dst)
+            copied.append(name)
+        except OSError as e:  # a read-only input folder must not stop the pack from loading
+            log.warning("could not copy the example picture %s to %s: %s", name, target, e)
+    return copied
+
+
 def model_files() -> list[str]:
     return folder_paths.get_filename_list(MODEL_FOLDER)
 
 
-def model_path(name: str) -> str:
+def missing_model_files(prompt: dict | None) -> list[tuple[str, str, str]]:
+    """(node type, folder, file) for every loader input of an API prompt whose file is not
+    on this machine. Values without a file extension are built-in choices (VAELoader's
+    ``taesd``, ``pixel_space``), not files."""
+    missing = []
+    for node in (prompt or {}).values():
+        if not isinstance(node, dict):
+            continue
+        node_type, inputs = node.get("class_type"), node.get("inputs") or {}
+        for name, folder in LOADER_INPUTS.get(node_type, {}).items():
+            value = inputs.get(name)
+            if isinstance(value, str) and "." in value and folder_paths.get_full_path(folder, value) is None:
+                missing.append((node_type, folder, value))
+    return missing
+
+
+def model_path(name: str, prompt: dict | None = None, node_type: str = "") -> str:
+    """The full path of ``models/asuka/<name>``. When it is missing, the error lists every
+    missing model file of the prompt (the whole graph), each with its folder and where it
+    comes from (``asuka_core.model_sources``)."""
     path = folder_paths.get_full_path(MODEL_FOLDER, name)
-    if path is None:
-        raise AsukaError(
-            f"Model file '{name}' was not found in models/{MODEL_FOLDER} "
-            f"({', '.join(folder_paths.get_folder_paths(MODEL_FOLDER))}). Put the file there and "
-            "press 'r' in the browser to refresh the list."
-        )
-    return path
+    if path is not None:
+        return path
+    missing = missing_model_files(prompt)
+    if not any(folder == MODEL_FOLDER and file == name for _, folder, file in missing):
+        missing.insert(0, (node_type or "ASUKA loader", MODEL_FOLDER, name))
+    folders = {folder: folder_paths.get_folder_paths(folder) for _, folder, _ in missing}
+    raise CheckpointError(missing_files_message(missing, folders))
+
+
+def loader_path(node_cls, name: str) -> str:
+    """``model_path`` for a loader node: its prompt (hidden input) gives the other files."""
+    hidden = getattr(node_cls, "hidden", None)
+    node_id = getattr(getattr(node_cls, "SCHEMA", None), "node_id", "")   # read only: the class may be locked
+    return model_path(name, getattr(hidden, "prompt", None), node_id)
 
 
 ROLE_ENCODER = "encoder"
@@ -89,14 +164,14 @@ def compute_dtype(device: torch.device, role: str = ROLE_ENCODER) -> torch.dtype
 _loaded: "weakref.WeakValueDictionary[tuple, comfy.model_patcher.ModelPatcher]" = weakref.WeakValueDictionary()
 
 
-def load_patched_model(name: str, loader: Callable, *, role: str) -> comfy.model_patcher.ModelPatcher:
+def load_patched_model(name: str, loader: Callable, *, role: str, node_cls=None) -> comfy.model_patcher.ModelPatcher:
     """Load ``models/asuka/<name>`` with an ``asuka_core`` loader and wrap it in a
     ModelPatcher, so ComfyUI decides where it lives and when it is offloaded.
 
     role: "decoder" (placed like a VAE) or "encoder" (MAE, aligner: placed like a text or
-    vision encoder).
+    vision encoder). node_cls: the loader node, for the missing-files message.
     """
-    path = model_path(name)
+    path = loader_path(node_cls, name) if node_cls is not None else model_path(name)
     stat = os.stat(path)
     key = (role, loader.__module__, path, stat.st_mtime_ns, stat.st_size)
     cached = _loaded.get(key)

@@ -10,7 +10,7 @@ from ..asuka_core.decoder import crop_like_vae_encode, decode_memory_estimate, l
 from ..asuka_core.errors import AsukaError, InputError
 from ..asuka_core.imaging import composite as paste_fill, prepare_image_and_mask
 from ..asuka_core.tiling import MIN_TILE
-from . import common
+from . import common, previews
 from .types import CATEGORY, DECODER
 
 # Latent cells per tile when an untiled decode runs out of memory, largest first. The last
@@ -29,7 +29,9 @@ class DecoderLoader(io.ComfyNode):
             display_name="Load ASUKA Masked Decoder",
             category=CATEGORY,
             description=(
-                "Loads a masked decoder from models/asuka: an Asymmetric VQGAN decoder for SD1.5 "
+                "Loads the decoder that turns the sampled result into pixels without colour seams at the "
+                "edge of the hole. "
+                "The file comes from models/asuka: an Asymmetric VQGAN decoder for SD1.5 "
                 "latents (diffusers AsymmetricAutoencoderKL x1.5 / x2, or the original checkpoints) "
                 "or the ASUKA decoder for FLUX latents (asuka_decoder.ckpt). The kind and size are "
                 "read from the weights."
@@ -39,11 +41,16 @@ class DecoderLoader(io.ComfyNode):
                                tooltip="Decoder weights in models/asuka (.safetensors, .ckpt, .bin)."),
             ],
             outputs=[DECODER.Output(display_name="decoder", tooltip="The masked decoder.")],
+            hidden=[io.Hidden.prompt],
         )
 
     @classmethod
+    def validate_inputs(cls, decoder_name: str) -> bool:
+        return True  # a missing file is reported when the node runs, with every missing file of the graph
+
+    @classmethod
     def execute(cls, decoder_name: str) -> io.NodeOutput:
-        return io.NodeOutput(common.load_patched_model(decoder_name, load_decoder, role="decoder"))
+        return io.NodeOutput(common.load_patched_model(decoder_name, load_decoder, role="decoder", node_cls=cls))
 
 
 class MaskedDecode(io.ComfyNode):
@@ -54,8 +61,9 @@ class MaskedDecode(io.ComfyNode):
             display_name="ASUKA Masked Decode",
             category=CATEGORY,
             description=(
-                "Decodes a latent to pixels while looking at the known pixels and the mask, so the "
-                "fill keeps the picture's colours and leaves no seam. Use it in place of VAE Decode "
+                "Turns the sampled result into the picture, with the fill's colours matching the rest and "
+                "no seam at the edge of the hole. "
+                "It decodes the latent while looking at the known pixels and the mask. Use it in place of VAE Decode "
                 "after an inpainting KSampler."
             ),
             inputs=[
@@ -107,7 +115,8 @@ class MaskedDecode(io.ComfyNode):
             image, mask = prepare_image_and_mask(image, mask, require_hole=False)
             image, mask = crop_like_vae_encode(image, mask, model.config.scale)  # as decode() did
             pixels = paste_fill(image.to(pixels.device), pixels, mask.to(pixels.device))
-        return io.NodeOutput(pixels.to(common.intermediate_device()))
+        pixels = pixels.to(common.intermediate_device())
+        return io.NodeOutput(pixels, ui=previews.decode_preview(pixels, mask))
 
     @classmethod
     def _decode_tiled_fallback(cls, model, latent, image, mask, overlap):

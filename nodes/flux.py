@@ -31,6 +31,8 @@ class FluxConditioning(io.ComfyNode):
             display_name="ASUKA FLUX Conditioning",
             category=CATEGORY,
             description=(
+                "Uses the MAE's guess about the hole instead of a text prompt, for FLUX.1-Fill inpainting "
+                "with the released ASUKA weights. "
                 "ASUKA for FLUX.1-Fill-dev with the released weights: turns the MAE prior into the "
                 "conditioning FLUX reads instead of a prompt (256 tokens x 4096 from the T5-branch "
                 "aligner, and the mean of the CLIP-branch aligner's tokens as the pooled vector), blended "

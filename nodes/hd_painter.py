@@ -14,8 +14,9 @@ from comfy_api.latest import io
 
 from ..asuka_core import hd_painter as hp
 from ..asuka_core.errors import InputError
+from .types import HD_PAINTER_CATEGORY
 
-CATEGORY = "inpaint/hd_painter"
+CATEGORY = HD_PAINTER_CATEGORY
 TOKENS = io.Custom("HDPAINTER_TOKENS")
 OFFICIAL_SUFFIX = "Full HD, 4K, high quality, high resolution"
 
@@ -72,6 +73,7 @@ class PromptTokens_(io.ComfyNode):
             display_name="HD-Painter Prompt",
             category=CATEGORY,
             description=(
+                "Encodes the prompt that says what to paint into the hole, for the HD-Painter nodes. "
                 "Encodes the inpainting prompt (like CLIPTextEncode) and finds the positions of its "
                 "words and of the end-of-text token, which PAIntA and RASG use to relate the prompt to the "
                 "image. Use its conditioning as the positive prompt. SD1.5 CLIP only."),
@@ -112,6 +114,7 @@ class PAIntA(io.ComfyNode):
             display_name="HD-Painter PAIntA",
             category=CATEGORY,
             description=(
+                "Makes the inpainting follow your prompt instead of copying the surroundings into the hole. "
                 "Prompt-Aware Introverted Attention: in the self-attention of the two middle UNet "
                 "resolutions, hole pixels attend less to known pixels that are unrelated to the prompt, so "
                 "the fill follows the prompt instead of copying the surroundings. Patches a copy of the "
@@ -169,6 +172,7 @@ class RASGSampler(io.ComfyNode):
             display_name="HD-Painter RASG Sampler",
             category=CATEGORY,
             description=(
+                "A sampler that makes what the prompt describes actually appear in the hole. "
                 "Reweighting Attention Score Guidance: a DDIM sampler whose random noise is replaced by the "
                 "gradient of a score that pulls the prompt's cross-attention into the hole. Connect to "
                 "SamplerCustom with the 'simple' scheduler (BasicScheduler). Each step runs a backward pass "

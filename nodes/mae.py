@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..asuka_core.mae import load_mae
-from . import common
+from . import common, previews
 from .types import CATEGORY, MAE, PRIOR
 
 
@@ -17,7 +17,9 @@ class MAELoader(io.ComfyNode):
             display_name="Load ASUKA MAE Prior",
             category=CATEGORY,
             description=(
-                "Loads the ASUKA masked autoencoder (MAE) from models/asuka, e.g. the official "
+                "Loads the model that guesses what belongs in the hole from the rest of the picture (the "
+                "MAE prior). "
+                "The file comes from models/asuka, e.g. the official "
                 "mae_300.pth from the ASUKA-FLUX.1-Fill release, loaded as released without running "
                 "code from the file. The architecture (ViT-B or ViT-L) is read from the weights."
             ),
@@ -26,11 +28,16 @@ class MAELoader(io.ComfyNode):
                                tooltip="MAE weights in models/asuka (.pth, .pt, .ckpt or .safetensors)."),
             ],
             outputs=[MAE.Output(display_name="mae", tooltip="The MAE prior encoder.")],
+            hidden=[io.Hidden.prompt],
         )
 
     @classmethod
+    def validate_inputs(cls, mae_name: str) -> bool:
+        return True  # a missing file is reported when the node runs, with every missing file of the graph
+
+    @classmethod
     def execute(cls, mae_name: str) -> io.NodeOutput:
-        return io.NodeOutput(common.load_patched_model(mae_name, load_mae, role="encoder"))
+        return io.NodeOutput(common.load_patched_model(mae_name, load_mae, role="encoder", node_cls=cls))
 
 
 class MAEPrior(io.ComfyNode):
@@ -41,6 +48,8 @@ class MAEPrior(io.ComfyNode):
             display_name="ASUKA MAE Prior",
             category=CATEGORY,
             description=(
+                "Looks at the picture around the hole and works out what should go in it, so the fill does "
+                "not invent unrelated objects. "
                 "Encodes what the MAE infers about the masked area from the unmasked pixels only. "
                 "The image is resized to 256x256 (squashed, as the official code does, whatever its "
                 "aspect ratio); 16x16 patches that touch the hole are hidden from the encoder, so "
@@ -67,7 +76,7 @@ class MAEPrior(io.ComfyNode):
         model = common.activate(mae)
         prior = model.encode(image, mask, progress=common.progress_bar(image.shape[0]))
         prior = prior.to(common.intermediate_device())
-        return io.NodeOutput(prior, prior.reconstruction)
+        return io.NodeOutput(prior, prior.reconstruction, ui=previews.prior_preview(image, mask, prior))
 
 
 NODES = [MAELoader, MAEPrior]

@@ -20,9 +20,9 @@ from ..asuka_core.imaging import to_image_batch, to_mask_batch
 from ..asuka_core.poisson import blend_images, check_mask_size
 from ..asuka_core.tiling import MIN_TILE, tile_grid
 from . import common
-from .types import CATEGORY
+from .types import HD_PAINTER_CATEGORY
 
-SR_CATEGORY = CATEGORY + "/hd-painter"
+SR_CATEGORY = HD_PAINTER_CATEGORY
 MIN_TILE_PX = MIN_TILE * sr.SCALE
 VAE_TILE, VAE_TILE_OVERLAP = 512, 64  # pixels: tiles for encoding the original when tile_size > 0
 
@@ -79,6 +79,8 @@ class HDPainterSRSampler(io.ComfyNode):
             display_name="HD-Painter SR Sampler (x4, known-latent blend)",
             category=SR_CATEGORY,
             description=(
+                "Upscales an inpainted picture 4x while keeping the real detail of the original outside the "
+                "hole. "
                 "A sampler for SamplerCustom that runs the Stable Diffusion x4 upscaler the HD-Painter way: at "
                 "every step the prediction outside the (grown, blurred) mask is replaced by the latent of the "
                 "high-resolution original, so untouched areas keep their real detail and only the filled "
@@ -142,6 +144,8 @@ class PoissonBlend(io.ComfyNode):
             display_name="Poisson Blend (HD-Painter)",
             category=SR_CATEGORY,
             description=(
+                "Pastes the upscaled fill into the original picture so that colours and brightness meet "
+                "without a seam. "
                 "Pastes the regenerated area of an upscaled inpainting into the original picture in the "
                 "gradient domain, so colours and brightness meet without a seam (HD-Painter's last step; "
                 "the same result as OpenCV's seamlessClone NORMAL_CLONE, without needing OpenCV). "

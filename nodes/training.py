@@ -49,6 +49,8 @@ class TrainAligner(io.ComfyNode):
             category=CATEGORY,
             is_output_node=True,
             description=(
+                "Teaches ASUKA to work with SD1.5 by training an aligner on a folder of your photos (needs "
+                "a GPU and time). "
                 "Trains an SD1.5 ASUKA aligner for N steps on a folder of photos, with the SD1.5 inpainting "
                 "model frozen (only the aligner learns; masks are generated). Blocks the queue while it runs; "
                 "the progress bar shows the steps and Cancel stops it after saving a resumable state. The "

@@ -8,3 +8,4 @@ ALIGNER = io.Custom("ASUKA_ALIGNER")
 DECODER = io.Custom("ASUKA_DECODER")
 
 CATEGORY = "inpaint/asuka"
+HD_PAINTER_CATEGORY = "inpaint/hd_painter"   # every HD-Painter node, one menu

@@ -3,7 +3,7 @@ frontend's workflow format (``example_workflows/*.json``) and into API prompts.
 
     scripts/host.sh python scripts/workflows.py --server http://127.0.0.1:8188
 
-writes ``example_workflows/<name>.json`` from the live server's ``/object_info`` (so input
+writes ``example_workflows/<title>.json`` (see TITLES) from the live server's ``/object_info`` (so input
 names, widget order and types always match the nodes). The host tests regenerate them the
 same way, compare with the committed files, and run them as API prompts.
 """
@@ -14,15 +14,29 @@ import argparse
 import json
 import os
 import urllib.request
+import sys
 from dataclasses import dataclass, field
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKFLOW_DIR = os.path.join(REPO, "example_workflows")
+sys.path.insert(0, REPO)
+from asuka_core import model_sources  # noqa: E402  (pure data, no torch)
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
+# The bundled pictures (example_workflows/input/, copied into ComfyUI's input folder when the
+# pack loads), each with the hole painted into its alpha channel; see scripts/example_images.py.
+ASUKA_IMAGE = "asuka_example_512.webp"               # 512 x 512, the fir tree masked (to remove)
+HD_PAINTER_IMAGE = "hd_painter_example_512.webp"     # 512 x 512, a patch of meadow masked
+HD_PAINTER_IMAGE_2K = "hd_painter_example_2048.webp"  # the same at 2048 x 2048
+HD_PAINTER_PROMPT = "a brown horse grazing"
+SD15_CHECKPOINT = "sd-v1-5-inpainting.ckpt"
+
 NOTE = (
-    "ASUKA inpainting for SD1.5 (comfyui-asuka)\n\n"
+    "ASUKA inpainting for SD1.5 (comfyui-asuka): fills the painted hole from the rest of the picture.\n\n"
+    "Not runnable with public files alone: it needs an SD1.5 aligner, which nobody publishes (train "
+    "one with the 'Train an ASUKA aligner' template). The bundled picture (512x512, the fir tree "
+    "painted out) is in ComfyUI's input folder.\n\n"
     "Model files, all in ComfyUI/models/asuka:\n"
     "- mae_300.pth: the MAE prior, from the official ASUKA-FLUX.1-Fill release "
     "(Hugging Face yikaiwang/ASUKA-FLUX.1-Fill).\n"
@@ -49,8 +63,8 @@ def sd15_inpaint_graph() -> dict[str, Node]:
     """LoadImage -> MAE prior -> aligner conditioning -> InpaintModelConditioning -> KSampler
     -> masked decode -> SaveImage."""
     return {
-        "ckpt": Node("CheckpointLoaderSimple", {"ckpt_name": "sd-v1-5-inpainting.safetensors"}, pos=(0, 0)),
-        "load": Node("LoadImage", {"image": "example.png"}, pos=(0, 160)),
+        "ckpt": Node("CheckpointLoaderSimple", {"ckpt_name": SD15_CHECKPOINT}, pos=(0, 0)),
+        "load": Node("LoadImage", {"image": ASUKA_IMAGE}, pos=(0, 160)),
         "mae_loader": Node("ASUKA_MAELoader", {"mae_name": "mae_300.pth"}, pos=(400, 0)),
         "prior": Node("ASUKA_MAEPrior", links={"mae": ("mae_loader", 0), "image": ("load", 0),
                                                "mask": ("load", 1)}, pos=(800, 0)),
@@ -80,13 +94,16 @@ WORKFLOWS = {"asuka_sd15_inpaint": (sd15_inpaint_graph, NOTE)}
 
 
 FLUX_NOTE = (
-    "ASUKA inpainting on FLUX.1-Fill-dev with the official ASUKA weights (comfyui-asuka)\n\n"
+    "ASUKA inpainting on FLUX.1-Fill-dev with the official ASUKA weights (comfyui-asuka): removes "
+    "what is painted over and fills the hole so that it matches the rest of the picture.\n\n"
+    "Press Run on the bundled picture (512x512, the fir tree painted out) once the files below are in "
+    "place; ComfyUI lists the missing ones with their links when the template opens.\n\n"
     "ComfyUI/models/asuka: mae_300.pth, asuka_alignment_clip.pt, asuka_alignment_t5.pt, "
     "asuka_decoder.ckpt (Hugging Face yikaiwang/ASUKA-FLUX.1-Fill).\n"
     "ComfyUI/models/diffusion_models: flux1-fill-dev.safetensors (or an fp8 copy; weight_dtype "
     "fp8_e4m3fn on 12-16 GB GPUs). models/vae: ae.safetensors. models/text_encoders: clip_l + t5xxl "
     "(only to encode the empty prompt once: the official blend reference).\n\n"
-    "Paint the hole in LoadImage's mask editor. Image sides: multiples of 16; ASUKA was tested at "
+    "For your own picture, paint the hole in LoadImage's mask editor. Image sides: multiples of 16; ASUKA was tested at "
     "512 and 1024. Official settings: weight 0.5 toward the empty prompt, guidance 30, 50 euler "
     "steps, simple schedule, shift for the image size (ModelSamplingFlux), cfg 1.0, "
     "noise_mask off. weight 1.0 = pure prior (the paper) and needs no text encoder: then delete "
@@ -99,7 +116,7 @@ def flux_fill_graph() -> dict[str, Node]:
     InpaintModelConditioning -> KSampler (FLUX.1-Fill, shift for the image size) -> ASUKA
     masked decode -> SaveImage."""
     return {
-        "load": Node("LoadImage", {"image": "example.png"}, pos=(0, 0)),
+        "load": Node("LoadImage", {"image": ASUKA_IMAGE}, pos=(0, 0)),
         "unet": Node("UNETLoader", {"unet_name": "flux1-fill-dev.safetensors", "weight_dtype": "default"},
                      pos=(0, 420)),
         "size": Node("GetImageSize", links={"image": ("load", 0)}, pos=(400, 420)),
@@ -142,7 +159,10 @@ WORKFLOWS["asuka_flux_fill"] = (flux_fill_graph, FLUX_NOTE)
 
 
 HD_PAINTER_2K_NOTE = (
-    "HD-Painter 2K inpainting (comfyui-asuka)\n\n"
+    "HD-Painter 2K inpainting (comfyui-asuka): paints what the prompt describes into the hole of a "
+    "2048 px photo.\n\n"
+    "The bundled picture is 2048x2048 with a patch of meadow painted out; the prompt asks for a "
+    "horse.\n\n"
     "1. 512 stage: the original is scaled by 1/4 and inpainted with an SD1.5 inpainting model "
     "(sd-v1-5-inpainting or similar, in models/checkpoints).\n"
     "2. SR stage: the Stable Diffusion x4 upscaler (stabilityai/stable-diffusion-x4-upscaler, "
@@ -151,7 +171,7 @@ HD_PAINTER_2K_NOTE = (
     "HD-Painter's settings: noise_augmentation 0.057 (level 20 of 350), cfg 7.5, 'simple' "
     "schedule, 20 steps, prompt + ', high resolution professional photo', empty negative.\n"
     "3. Poisson Blend pastes the result into the original without a seam.\n\n"
-    "The original's sides must be multiples of 32 (e.g. 2048x2048) so that it is exactly 4x the "
+    "The original's sides must be multiples of 32 (the bundled picture: 2048x2048) so that it is exactly 4x the "
     "512 picture. tile_size 1152 (4 tiles at 2048) bounds memory at 2K (see docs/super-resolution.md)."
 )
 
@@ -160,10 +180,10 @@ def hd_painter_2k_graph() -> dict[str, Node]:
     """LoadImage -> 1/4 scale -> SD1.5 inpainting (KSampler) -> VAEDecode (512) ->
     SD_4XUpscale_Conditioning + HDPainter_SRSampler -> SamplerCustom -> VAEDecodeTiled
     -> ASUKA_PoissonBlend (into the original) -> SaveImage."""
-    prompt = "a wooden rowing boat"
+    prompt = HD_PAINTER_PROMPT
     return {
-        "load": Node("LoadImage", {"image": "example_2048.png"}, pos=(0, 200)),
-        "ckpt": Node("CheckpointLoaderSimple", {"ckpt_name": "sd-v1-5-inpainting.safetensors"}, pos=(0, 0)),
+        "load": Node("LoadImage", {"image": HD_PAINTER_IMAGE_2K}, pos=(0, 200)),
+        "ckpt": Node("CheckpointLoaderSimple", {"ckpt_name": SD15_CHECKPOINT}, pos=(0, 0)),
         "small": Node("ImageScaleBy", {"upscale_method": "area", "scale_by": 0.25},
                       links={"image": ("load", 0)}, pos=(400, 300)),
         "pos": Node("CLIPTextEncode", {"text": prompt}, links={"clip": ("ckpt", 1)}, pos=(400, 0),
@@ -210,7 +230,9 @@ WORKFLOWS["hd_painter_2k"] = (hd_painter_2k_graph, HD_PAINTER_2K_NOTE)
 
 
 HD_PAINTER_NOTE = (
-    "HD-Painter for SD1.5 inpainting (comfyui-asuka): PAIntA + RASG, training-free.\n\n"
+    "HD-Painter for SD1.5 inpainting (comfyui-asuka): paints what the prompt describes into the hole, "
+    "following the prompt more closely than plain inpainting (PAIntA + RASG, no training).\n\n"
+    "The bundled picture is 512x512 with a patch of meadow painted out; the prompt asks for a horse.\n"
     "Checkpoint: any SD1.5 inpainting model (9-channel UNet), e.g. sd-v1-5-inpainting or "
     "DreamShaper 8 inpainting (the official HD-Painter default). SD2/SDXL are not supported.\n"
     "Load an image whose alpha (or a painted mask) marks the hole; describe what goes there in "
@@ -226,9 +248,9 @@ def hd_painter_graph() -> dict[str, Node]:
     """Checkpoint -> HD-Painter Prompt + negative -> InpaintModelConditioning; model -> PAIntA;
     SamplerCustom with the RASG sampler and the simple schedule -> VAEDecode -> SaveImage."""
     return {
-        "ckpt": Node("CheckpointLoaderSimple", {"ckpt_name": "sd-v1-5-inpainting.safetensors"}, pos=(0, 0)),
-        "load": Node("LoadImage", {"image": "example.png"}, pos=(0, 180)),
-        "prompt": Node("HDPainter_PromptTokens", {"text": "a red vintage car"},
+        "ckpt": Node("CheckpointLoaderSimple", {"ckpt_name": SD15_CHECKPOINT}, pos=(0, 0)),
+        "load": Node("LoadImage", {"image": HD_PAINTER_IMAGE}, pos=(0, 180)),
+        "prompt": Node("HDPainter_PromptTokens", {"text": HD_PAINTER_PROMPT},
                        links={"clip": ("ckpt", 1)}, pos=(400, 0)),
         "negative": Node("CLIPTextEncode", {"text": "text, bad anatomy, bad proportions, blurry, cropped, "
                                                     "deformed, disfigured, duplicate, error, low quality, "
@@ -327,6 +349,18 @@ def _widget_values(info: dict, node: Node) -> list:
     return values
 
 
+def _model_metadata(node: Node) -> list[dict]:
+    """The frontend's model metadata of a loader node ({name, url, directory} per file it
+    loads), from the pack's one table of model sources: ComfyUI's missing-models dialog
+    lists what is not installed, with its download."""
+    out = []
+    for name, folder in model_sources.LOADER_INPUTS.get(node.type, {}).items():
+        meta = model_sources.workflow_metadata(node.widgets.get(name, ""), folder)
+        if meta:
+            out.append(meta)
+    return out
+
+
 def to_ui_workflow(graph: dict[str, Node], object_info: dict, note: str | None = None) -> dict:
     ids = {key: i + 1 for i, key in enumerate(graph)}
     links, ui_nodes = [], []
@@ -359,6 +393,9 @@ def to_ui_workflow(graph: dict[str, Node], object_info: dict, note: str | None =
             "properties": {"Node name for S&R": node.type},
             "widgets_values": _widget_values(info, node),
         }
+        models = _model_metadata(node)
+        if models:
+            ui["properties"]["models"] = models
         if node.title:
             ui["title"] = node.title
         ui_nodes.append(ui)
@@ -402,6 +439,30 @@ def fetch_object_info(server: str) -> dict:
         return json.load(r)
 
 
+# ComfyUI's template browser (frontend 1.32 and 1.48) shows a pack's workflow file names as
+# their titles, and repeats them as descriptions: so each file is named by its title, in plain
+# words, numbered in the order a new user should try them (web/js/asuka.js sorts the pack's
+# list, which ComfyUI gives in the folder's order).
+# No characters that Windows forbids in file names.
+TITLES = {
+    "asuka_flux_fill": "1. Remove an object with ASUKA on FLUX.1-Fill",
+    "hd_painter_sd15": "2. Paint a prompt into a hole with HD-Painter (SD1.5)",
+    "hd_painter_2k": "3. HD-Painter 2K, paint a prompt into a 2048 px photo",
+    "asuka_sd15_inpaint": "4. ASUKA on SD1.5 (needs an aligner you trained)",
+    "asuka_sd15_train_aligner": "5. Train an ASUKA aligner for SD1.5",
+}
+
+
+def path(name: str, ext: str = ".json") -> str:
+    """The file of workflow ``name`` (a key of WORKFLOWS): its title, or the key itself."""
+    return os.path.join(WORKFLOW_DIR, TITLES.get(name, name) + ext)
+
+
+def load(name: str) -> dict:
+    with open(path(name), encoding="utf-8") as f:
+        return json.load(f)
+
+
 def render_all(object_info: dict) -> dict[str, dict]:
     return {name: to_ui_workflow(make(), object_info, note) for name, (make, note) in WORKFLOWS.items()}
 
@@ -411,11 +472,11 @@ def main() -> None:
     parser.add_argument("--server", default="http://127.0.0.1:8188")
     args = parser.parse_args()
     for name, workflow in render_all(fetch_object_info(args.server)).items():
-        path = os.path.join(WORKFLOW_DIR, name + ".json")
-        with open(path, "w") as f:
+        target = path(name)
+        with open(target, "w", encoding="utf-8") as f:
             json.dump(workflow, f, indent=1)
             f.write("\n")
-        print("wrote", os.path.relpath(path, REPO))
+        print("wrote", os.path.relpath(target, REPO))
 
 
 if __name__ == "__main__":

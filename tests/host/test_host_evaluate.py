@@ -37,7 +37,7 @@ def _evaluate(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 def _example(host) -> dict:
     """The committed SD1.5 example (frontend format) with the test models and one step."""
-    with open(os.path.join(workflows.WORKFLOW_DIR, "asuka_sd15_inpaint.json")) as f:
+    with open(workflows.path("asuka_sd15_inpaint")) as f:
         wf = json.load(f)
     names = {"CheckpointLoaderSimple": host.checkpoint, "ASUKA_MAELoader": host.models.mae,
              "ASUKA_AlignerLoader": host.models.sd15_aligner, "ASUKA_DecoderLoader": host.models.avq_decoder}

@@ -24,8 +24,7 @@ FRONTEND = os.path.join(REPO, "tests", "frontend")
 
 
 def committed(name: str) -> dict:
-    with open(os.path.join(workflows.WORKFLOW_DIR, name + ".json")) as f:
-        return json.load(f)
+    return workflows.load(name)
 
 
 # ComfyUI 0.33.0 declares an IMAGE output on these (0.3.75: none); the committed files have
@@ -47,7 +46,7 @@ def test_committed_workflow_matches_live_nodes(comfy, name):
     assert fresh == _without_unlinked_gained_outputs(committed(name)), (
         f"example_workflows/{name}.json is stale: run `scripts/host.sh python scripts/workflows.py "
         "--server <url>` against a server with the pack loaded")
-    assert os.path.isfile(os.path.join(workflows.WORKFLOW_DIR, name + ".jpg")), "thumbnail missing"
+    assert os.path.isfile(workflows.path(name, ".jpg")), "thumbnail missing"
 
 
 def test_sd15_example_runs(host, comfy):
@@ -92,8 +91,7 @@ def test_real_frontend_loads_example(host, name):
     reason = _frontend_ready()
     if reason:
         pytest.skip(reason)
-    path = os.path.join(workflows.WORKFLOW_DIR, name + ".json")
-    proc = subprocess.run(["node", "load_workflow.mjs", host.client.base_url, path], cwd=FRONTEND,
+    proc = subprocess.run(["node", "load_workflow.mjs", host.client.base_url, workflows.path(name)], cwd=FRONTEND,
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -199,7 +199,7 @@ def test_flux_example_runs(host, flux_models, pictures):  # noqa: F811
     import workflows  # scripts/workflows.py
 
     c, m = host.client, host.models
-    with open(os.path.join(workflows.WORKFLOW_DIR, "asuka_flux_fill.json")) as f:
+    with open(workflows.path("asuka_flux_fill")) as f:
         prompt = workflows.to_api_prompt(json.load(f), c.object_info())
     by_type = {}
     for node_id, node in prompt.items():

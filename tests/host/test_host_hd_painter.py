@@ -39,7 +39,7 @@ def inputs(host_server):
 def example_prompt(host, comfy, image: str, *, steps: int = 2, seed: int = 1) -> tuple[dict, dict]:
     """The committed example as the frontend queues it, with the test checkpoint, image and
     a short schedule. Returns (prompt, inputs by class type)."""
-    with open(os.path.join(workflows.WORKFLOW_DIR, NAME + ".json")) as f:
+    with open(workflows.path(NAME)) as f:
         prompt = workflows.to_api_prompt(json.load(f), comfy.object_info())
     by_type = {node["class_type"]: node["inputs"] for node in prompt.values()}
     by_type["CheckpointLoaderSimple"]["ckpt_name"] = host.checkpoint

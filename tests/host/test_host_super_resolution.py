@@ -201,11 +201,11 @@ def test_hd_painter_2k_example_runs(host, comfy, x4_upscaler_checkpoint):
                                     "scripts"))
     import workflows
 
-    with open(os.path.join(workflows.WORKFLOW_DIR, "hd_painter_2k.json")) as f:
+    with open(workflows.path("hd_painter_2k")) as f:
         prompt = workflows.to_api_prompt(json.load(f), comfy.object_info())
     original = make_picture(HR, seed=31)
     image = comfy.upload_image(original, box_mask(HR, MASK_BOX))
-    names = {"sd-v1-5-inpainting.safetensors": host.checkpoint, "x4-upscaler-ema.safetensors": x4_upscaler_checkpoint}
+    names = {workflows.SD15_CHECKPOINT: host.checkpoint, "x4-upscaler-ema.safetensors": x4_upscaler_checkpoint}
     save_id = None
     for node_id, node in prompt.items():
         inputs, kind = node["inputs"], node["class_type"]

@@ -97,7 +97,7 @@ def test_cli_trains_and_its_aligner_drives_the_sd15_example(host, comfy, comfy_d
     # The file, as it is, in the committed SD1.5 example workflow.
     os.symlink(aligner_file, os.path.join(host.models.folder, aligner_file.name))
     info = comfy.object_info()
-    with open(os.path.join(workflows.WORKFLOW_DIR, "asuka_sd15_inpaint.json")) as f:
+    with open(workflows.path("asuka_sd15_inpaint")) as f:
         prompt = workflows.to_api_prompt(json.load(f), info)
     size = 128
     picture, mask = make_picture(size, seed=12), box_mask(size)
@@ -155,7 +155,7 @@ def test_train_example_workflow_runs_in_the_server(host, comfy, tiny_checkpoints
     """The committed training example, converted as the Queue button does, with the tiny
     checkpoint, 2 steps at 64 px: the node trains under ComfyUI's inference mode, its
     aligner drives the SD1.5 graph in the same prompt, and the run folder is written."""
-    with open(os.path.join(workflows.WORKFLOW_DIR, "asuka_sd15_train_aligner.json")) as f:
+    with open(workflows.path("asuka_sd15_train_aligner")) as f:
         prompt = workflows.to_api_prompt(json.load(f), comfy.object_info())
     picture, mask = make_picture(RES, seed=13), box_mask(RES)
     run_name = unique("node_run").replace("-", "_")
