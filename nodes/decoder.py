@@ -80,7 +80,7 @@ class MaskedDecode(io.ComfyNode):
                     "Overlap between tiles in pixels; tiles are feathered across it so no seam shows.")),
                 io.Combo.Input("region", options=list(REGION_MODES), default=REGION_AUTO, optional=True, tooltip=(
                     "Which part is decoded. auto: with composite on, only the hole plus the margin the "
-                    "decoder can see (about 160 px) when that is at most half the picture, otherwise all "
+                    "decoder can see (160-190 px) when that is at most half the picture, otherwise all "
                     "of it. full: always the whole picture. hole: always only the hole and its margin "
                     "(outside it the output is the input image, even with composite off). The hole "
                     "region sees less of the picture in its normalisation and attention, so it is close "
