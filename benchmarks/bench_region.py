@@ -208,6 +208,7 @@ def main() -> None:
     parser.add_argument("--holes", type=float, nargs="+", default=[5, 25, 50], help="hole shares in percent")
     parser.add_argument("--width", type=int, default=32, help="base width of the decoders (128 = real size)")
     parser.add_argument("--no-sr", action="store_true", help="skip the SR rows")
+    parser.add_argument("--no-decode", action="store_true", help="skip the decode rows")
     parser.add_argument("--real-unet", action="store_true", help="add the real-size x4 UNet SR rows (slow)")
     parser.add_argument("--check", action="store_true", help="the 2048 px / 10 %% object-hole decode only")
     args = parser.parse_args()
@@ -217,15 +218,17 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f}")
     if args.check:
         args.sizes, args.families, args.holes, args.no_sr = [2048], ["object"], [10], True
-    print("masked decode, region vs full vs core VAE Decode (hole difference region vs full, grey levels)")
-    print(DECODE_HEADER)
-    rows = decode_rows(args.sizes, args.families, args.holes, args.width)
+    rows = []
+    if not args.no_decode:
+        print("masked decode, region vs full vs core VAE Decode (hole difference region vs full, grey levels)")
+        print(DECODE_HEADER)
+        rows = decode_rows(args.sizes, args.families, args.holes, args.width)
     if not args.no_sr:
         print("\nx4 SR, one UNet call at batch 2 on a 2048 px output (512 x 512 latent): region vs whole")
         print(f"{'unet':<5} {'mask':<9} {'hole%':>5} {'region%':>7} {'full s':>8} {'region s':>8} {'reg/full':>8} "
               f"{'/ region%':>9} {'full MiB':>8} {'reg MiB':>8} {'':>12} {'load':>5}")
         sr_rows(args.families, args.holes, args.real_unet)
-    if args.check:
+    if args.check and rows:
         r = rows[-1]
         ratio = r["region_s"] / r["full_s"]
         print(f"region/full={ratio:.2f} below_vae={'yes' if r['region_s'] < r['vae_s'] else 'no'} "
