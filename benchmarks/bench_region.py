@@ -43,6 +43,9 @@ sys.path.insert(0, REPO)
 
 from bench_decoder import _random_comfy_vae, _reset_peak, _status_kib  # noqa: E402
 from bench_super_resolution import _comfy, _fill  # noqa: E402
+# before ComfyUI's folder joins sys.path: it has a 'tests' package of its own
+from tests.fixtures.decoder_files import asuka_decoder_state_dict  # noqa: E402
+from tests.fixtures.x4_upscaler_checkpoint import UNET_CONFIG  # noqa: E402
 
 SEARCH_SIZE = 256  # masks are searched at this size, then drawn at the picture's size
 
@@ -78,6 +81,19 @@ def hole_difference(a, b, mask):
     return float(d.max()), float(d.mean()), psnr
 
 
+def setup_comfy() -> None:
+    """ComfyUI in CPU mode with PyTorch's fused attention in its VAE (``--use-pytorch-cross-attention``),
+    the attention kernel the masked decoder uses too; ComfyUI's default on CPU, split attention,
+    holds a large part of the 2048 px attention matrix at once."""
+    comfy_dir = os.environ.get("ASUKA_COMFY_DIR", os.path.join(REPO, ".host", "ComfyUI"))
+    sys.path.insert(0, comfy_dir)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.use_pytorch_cross_attention = True
+    _comfy()
+
+
 def core_vae_decode(width: int):
     """ComfyUI's VAE Decode of SD1.5 latents: ``comfy.sd.VAE.decode`` at the real width (128);
     at other widths ComfyUI's own decoder module (``AutoencoderKL.decode``, what VAE.decode
@@ -99,7 +115,6 @@ def decode_rows(sizes, families, holes, width: int):
     import torch
     from asuka_core.decoder import load_decoder
     from asuka_core.tiling import region_share
-    from tests.fixtures.decoder_files import asuka_decoder_state_dict
 
     decoder = load_decoder(asuka_decoder_state_dict(0, with_encoder=False, ch=width))
     vae_decode = core_vae_decode(width)
@@ -149,7 +164,6 @@ def sr_rows(families, holes, real_unet: bool):
     from bench_super_resolution import X4_UNET
     from asuka_core.super_resolution import blend_mask, run_tiled, sr_regions
     from asuka_core.tiling import region_share
-    from tests.fixtures.x4_upscaler_checkpoint import UNET_CONFIG
 
     _comfy()
     import comfy.supported_models as sm
@@ -214,6 +228,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
+    setup_comfy()
     print(f"CPUs: {os.cpu_count()}; torch threads {torch.get_num_threads()}; float32; decoder width {args.width}; "
           f"load average {os.getloadavg()[0]:.1f}")
     if args.check:
