@@ -12,7 +12,8 @@ values; the region-vs-full *difference* does, see docs/decoder.md):
   minus the resident set then), and inside the hole (mask > 0.5) the difference between
   region and full decode in 0..255 grey levels (max, mean, PSNR).
 * SR: one x4-upscaler UNet call at batch 2 (one sampling step with CFG) on a 2048 px
-  output (512 x 512 latent) through the SR sampler's tile/region wrapper
+  output (512 x 512 latent), in the example workflow's tiles (1152 px, overlap 128 px),
+  through the SR sampler's tile/region wrapper
   (``asuka_core.super_resolution.run_tiled``) with the regions of ``sr_regions``, against
   the whole latent. The tiny UNet (the test checkpoint's layout) is measured in full; the
   real-size UNet (473 M parameters) with ``--real-unet`` is measured on one 64 x 64 tile
@@ -157,18 +158,26 @@ def print_decode_row(r):
           f"{r['psnr']:>6.1f} {r['load']:>5.1f}", flush=True)
 
 
-def sr_rows(families, holes, real_unet: bool):
-    """One UNet call (batch 2) over a 2048 px output's 512 x 512 latent: region vs whole."""
+def tiled_cells(boxes, tile: int, overlap: int) -> int:
+    """Latent cells the UNet is run on when each box is tiled like a whole latent."""
+    from asuka_core.tiling import tile_grid
+
+    return sum(t.height * t.width for b in boxes for t in tile_grid(b.height, b.width, tile, overlap).tiles)
+
+
+def sr_rows(families, holes, real_unet: bool, tile: int, overlap: int):
+    """One UNet call (batch 2) over a 2048 px output's 512 x 512 latent, tiled as the
+    example workflow does (``tile``/``overlap`` latent cells): region vs whole."""
     import torch
 
     from bench_super_resolution import X4_UNET
     from asuka_core.super_resolution import blend_mask, run_tiled, sr_regions
-    from asuka_core.tiling import region_share
+    from asuka_core.tiling import Tile, region_share
 
-    _comfy()
     import comfy.supported_models as sm
 
     out, cells = 2048, 512
+    whole = [Tile(0, 0, cells, cells)]
     rows = []
     for name, cfg in (("tiny", UNET_CONFIG), *((("real", X4_UNET),) if real_unet else ())):
         config = sm.SD_X4Upscaler({**cfg, "dtype": torch.float32})
@@ -187,12 +196,12 @@ def sr_rows(families, holes, real_unet: bool):
         x = torch.randn(2, 7, cells, cells, generator=g)
         known = torch.zeros(2, 4, cells, cells)
         if name == "tiny":
-            _, full_s, full_mib = measure(lambda: run_tiled(call, x, {}, tile=None, overlap=0))
+            _, full_s, full_mib = measure(lambda: run_tiled(call, x, {}, tile=tile, overlap=overlap))
             per_cell = None
         else:  # one 64 x 64 tile, per latent cell
             _, tile_s, full_mib = measure(lambda: call(x[..., :64, :64], None))
             per_cell = tile_s / 64 ** 2
-            full_s = per_cell * cells ** 2
+            full_s = per_cell * tiled_cells(whole, tile, overlap)
         for family in families:
             for hole in holes:
                 mask = pick_mask(out, family, hole / 100)
@@ -200,9 +209,9 @@ def sr_rows(families, holes, real_unet: bool):
                 share = region_share(boxes, cells, cells)
                 if per_cell is None:
                     _, region_s, region_mib = measure(
-                        lambda: run_tiled(call, x, {}, tile=None, overlap=0, boxes=boxes, fill=known))
+                        lambda: run_tiled(call, x, {}, tile=tile, overlap=overlap, boxes=boxes, fill=known))
                 else:
-                    region_s, region_mib = per_cell * share * cells ** 2, float("nan")
+                    region_s, region_mib = per_cell * tiled_cells(boxes, tile, overlap), float("nan")
                 rows.append(dict(unet=name, family=family, hole=float(mask.mean()) * 100, region=share * 100,
                                  full_s=full_s, region_s=region_s, full_mib=full_mib, region_mib=region_mib,
                                  extrapolated=per_cell is not None, load=os.getloadavg()[0]))
@@ -224,6 +233,8 @@ def main() -> None:
     parser.add_argument("--no-sr", action="store_true", help="skip the SR rows")
     parser.add_argument("--no-decode", action="store_true", help="skip the decode rows")
     parser.add_argument("--real-unet", action="store_true", help="add the real-size x4 UNet SR rows (slow)")
+    parser.add_argument("--sr-tile", type=int, default=288, help="SR tile in latent cells (example: 1152 px = 288)")
+    parser.add_argument("--sr-overlap", type=int, default=32, help="SR tile overlap in latent cells (128 px = 32)")
     parser.add_argument("--check", action="store_true", help="the 2048 px / 10 %% object-hole decode only")
     args = parser.parse_args()
     import torch
@@ -239,10 +250,11 @@ def main() -> None:
         print(DECODE_HEADER)
         rows = decode_rows(args.sizes, args.families, args.holes, args.width)
     if not args.no_sr:
-        print("\nx4 SR, one UNet call at batch 2 on a 2048 px output (512 x 512 latent): region vs whole")
+        print(f"\nx4 SR, one UNet call at batch 2 on a 2048 px output (512 x 512 latent) in tiles of "
+              f"{args.sr_tile} cells, overlap {args.sr_overlap}: region vs whole; '/ region%' = time ratio / area ratio")
         print(f"{'unet':<5} {'mask':<9} {'hole%':>5} {'region%':>7} {'full s':>8} {'region s':>8} {'reg/full':>8} "
               f"{'/ region%':>9} {'full MiB':>8} {'reg MiB':>8} {'':>12} {'load':>5}")
-        sr_rows(args.families, args.holes, args.real_unet)
+        sr_rows(args.families, args.holes, args.real_unet, args.sr_tile, args.sr_overlap)
     if args.check and rows:
         r = rows[-1]
         ratio = r["region_s"] / r["full_s"]
