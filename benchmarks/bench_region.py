@@ -26,6 +26,7 @@ Usage::
 
     scripts/host.sh python benchmarks/bench_region.py                  # the table (width 32)
     scripts/host.sh python benchmarks/bench_region.py --check
+    scripts/host.sh python benchmarks/bench_region.py --shares --holes 5 10 25 50   # region sizes only
     scripts/host.sh python benchmarks/bench_region.py --check --width 128   # real-size decoders
     scripts/host.sh python benchmarks/bench_region.py --sizes 2048 --holes 10 --families object --real-unet
 """
@@ -47,6 +48,7 @@ from bench_super_resolution import _comfy, _fill  # noqa: E402
 # before ComfyUI's folder joins sys.path: it has a 'tests' package of its own
 from tests.fixtures.decoder_files import asuka_decoder_state_dict  # noqa: E402
 from tests.fixtures.x4_upscaler_checkpoint import UNET_CONFIG  # noqa: E402
+from asuka_core.decoder import load_decoder  # noqa: E402
 
 SEARCH_SIZE = 256  # masks are searched at this size, then drawn at the picture's size
 
@@ -114,7 +116,6 @@ def core_vae_decode(width: int):
 
 def decode_rows(sizes, families, holes, width: int):
     import torch
-    from asuka_core.decoder import load_decoder
     from asuka_core.tiling import region_share
 
     decoder = load_decoder(asuka_decoder_state_dict(0, with_encoder=False, ch=width))
@@ -224,6 +225,30 @@ def sr_rows(families, holes, real_unet: bool, tile: int, overlap: int):
     return rows
 
 
+def share_rows(sizes, families, holes) -> None:
+    """Region shares only (no timing): decode boxes of the ASUKA decoder's reach, SR boxes."""
+    import torch.nn.functional as F
+
+    from asuka_core.super_resolution import blend_mask, sr_regions
+    from asuka_core.tiling import hole_regions, region_share
+
+    reach = load_decoder(asuka_decoder_state_dict(0, with_encoder=False, ch=32)).config.reach_cells
+    print(f"decoder reach {reach} latent cells; SR at 4x the picture is for 2048 px only")
+    print(f"{'size':>5} {'mask':<9} {'hole%':>5} {'decode region%':>14} {'boxes':>5} {'SR region%':>10} {'boxes':>5}")
+    for size in sizes:
+        for family in families:
+            for hole in holes:
+                mask = pick_mask(size, family, hole / 100)
+                cells = F.max_pool2d((mask > 0).float()[None], 8)[0, 0] > 0
+                boxes = hole_regions(cells, reach)
+                line = (f"{size:>5} {family:<9} {float(mask.mean()) * 100:>5.1f} "
+                        f"{region_share(boxes, size // 8, size // 8) * 100:>14.1f} {len(boxes):>5}")
+                if size == 2048:
+                    sr = sr_regions(blend_mask(mask, (512, 512)), "hole")
+                    line += f" {region_share(sr, 512, 512) * 100:>10.1f} {len(sr):>5}"
+                print(line, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048])
@@ -236,9 +261,13 @@ def main() -> None:
     parser.add_argument("--sr-tile", type=int, default=288, help="SR tile in latent cells (example: 1152 px = 288)")
     parser.add_argument("--sr-overlap", type=int, default=32, help="SR tile overlap in latent cells (128 px = 32)")
     parser.add_argument("--check", action="store_true", help="the 2048 px / 10 %% object-hole decode only")
+    parser.add_argument("--shares", action="store_true", help="only the region shares of the masks (fast)")
     args = parser.parse_args()
     import torch
 
+    if args.shares:
+        share_rows(args.sizes, args.families, args.holes)
+        return
     setup_comfy()
     print(f"CPUs: {os.cpu_count()}; torch threads {torch.get_num_threads()}; float32; decoder width {args.width}; "
           f"load average {os.getloadavg()[0]:.1f}")
