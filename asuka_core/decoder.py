@@ -39,7 +39,7 @@ from . import checkpoint as ckpt_mod
 from .errors import CheckpointError, InputError
 from .imaging import image_to_model, model_to_image, prepare_image_and_mask
 from .runtime import Progress, compute_device_dtype, report, resolve_ops
-from .tiling import decode_tiled, tile_grid
+from .tiling import Tile, decode_tiled, hole_regions, region_share, tile_grid
 
 log = logging.getLogger("comfyui-asuka")
 
@@ -48,6 +48,11 @@ KIND_AVQ = "avq"
 
 GROUPS = 32
 EPS = 1e-6
+
+# Region decoding (``MaskedDecoder.decode(region=...)``).
+REGION_FULL, REGION_HOLE, REGION_AUTO = "full", "hole", "auto"
+REGION_MODES = (REGION_AUTO, REGION_FULL, REGION_HOLE)
+REGION_AUTO_MAX_SHARE = 0.5  # "auto" decodes the region only when it is at most half the picture
 
 _LOADER = "Load masked decoder"
 _HINT = (
@@ -93,6 +98,31 @@ class DecoderConfig:
     def scale(self) -> int:
         """Pixels per latent cell along each side (8 for every released model)."""
         return 2 ** (self.levels - 1)
+
+    @property
+    def reach_px(self) -> int:
+        """How far (pixels) an output pixel can see through the decoder's local operations,
+        counted from the architecture: a 3x3 convolution reaches one cell of its input, a
+        4x4 stride-2 one two cells; a cell at level l is 2**l pixels. The main path and the
+        condition encoder are added (an upper bound), plus one latent cell for alignment.
+        GroupNorm statistics and the mid attention are global and not counted."""
+        levels = self.levels
+        main = (1 + 4) * 2 ** (levels - 1)                  # conv_in, mid: 2 ResNets x 2 convs
+        for lv in reversed(range(levels)):
+            main += 2 * self.blocks[lv] * 2 ** lv          # ResNets: 2 convs each
+            if lv:
+                main += 2 ** (lv - 1)                       # upsample conv, at the next level
+        main += 1                                           # conv_out
+        cond, cell = 0, 1
+        for layer in self.cond_layers:
+            cond += (1 if layer.kernel == 3 else 2) * cell
+            cell *= layer.stride
+        return main + cond + self.scale
+
+    @property
+    def reach_cells(self) -> int:
+        """``reach_px`` in latent cells, rounded up."""
+        return -(-self.reach_px // self.scale)
 
     def level_input_channels(self, level: int) -> int:
         """Width of ``h`` entering ldm level ``level`` (before its fusion and ResNets)."""
@@ -367,14 +397,22 @@ class MaskedDecoder(nn.Module):
     # ---- ComfyUI-facing entry point ----------------------------------------------------
 
     def decode(self, latent: torch.Tensor, image: torch.Tensor, mask: torch.Tensor, *,
-               tile_size: int | None = None, tile_overlap: int = 16, progress: Progress = None) -> torch.Tensor:
+               tile_size: int | None = None, tile_overlap: int = 16, region: str = REGION_FULL,
+               progress: Progress = None) -> torch.Tensor:
         """Decode a ComfyUI LATENT with the original IMAGE and MASK.
 
         ``latent`` [B,C,h,w] raw VAE latent (no scale/shift to undo); ``image`` [B,H,W,3]
         0..1, the full original; ``mask`` [B,H,W], 1 = hole. Returns IMAGE [B,H,W,3] float32
         0..1 on the image's device: the decoder's own output, nothing pasted.
         ``tile_size`` (latent cells) decodes overlapping tiles blended with feathered weights.
+        ``region``: ``"full"`` decodes the whole picture; ``"hole"`` decodes only the boxes
+        of ``hole_regions`` (the hole's cells grown by ``config.reach_cells``) and returns the
+        original image everywhere else, for callers that paste the original back outside the
+        hole; ``"auto"`` is ``"hole"`` when the boxes cover at most ``REGION_AUTO_MAX_SHARE``
+        of the picture, else ``"full"``. Decided per sample.
         """
+        if region not in REGION_MODES:
+            raise InputError(f"region must be one of {', '.join(REGION_MODES)}; got {region!r}.")
         latent, image, mask = self._validate(latent, image, mask)
         if self.kind == KIND_AVQ:
             # The Asymmetric VQGAN decoders were trained on binary masks, and both their own
@@ -384,42 +422,75 @@ class MaskedDecoder(nn.Module):
         out_device = image.device
         device, dtype = compute_device_dtype(self)
         batch, _, lh, lw = latent.shape
-        grid = tile_grid(lh, lw, tile_size, tile_overlap)
+        plans = [[(box, tile_grid(box.height, box.width, tile_size, tile_overlap))
+                  for box in self.decode_boxes(mask[i], lh, lw, region)] for i in range(batch)]
         # Progress: per tile, or (untiled) per stage of the forward pass, so that a single
         # large decode still reports and can be cancelled part-way.
-        per_sample = self.stages if grid.whole else len(grid.tiles)
-        total = batch * per_sample
+
+        def units(grid) -> int:
+            return self.stages if grid.whole else len(grid.tiles)
+
+        total = max(1, sum(units(grid) for plan in plans for _, grid in plan))
+        done = 0
         outputs = []
         # no_grad rather than inference_mode: the result stays an ordinary tensor that
         # callers may modify in place (e.g. when pasting the known pixels back).
         with torch.no_grad():
             for i in range(batch):  # one sample at a time bounds peak memory (see decode_memory_estimate)
-                def run(run_dtype: torch.dtype, base: int = i * per_sample) -> torch.Tensor:
-                    z = latent[i:i + 1].to(device=device, dtype=run_dtype)
-                    img = image_to_model(image[i:i + 1]).to(device=device, dtype=run_dtype)
-                    msk = mask[i:i + 1, None].to(device=device, dtype=run_dtype)
-                    if grid.whole:
-                        done = iter(range(1, self.stages + 1))
+                whole = [box for box, _ in plans[i]] == [Tile(0, 0, lh, lw)]
+                out = None if whole else image[i:i + 1].float().to(out_device, copy=True)
+                for box, grid in plans[i]:
+                    s = self.config.scale
+                    ys, xs = slice(box.y * s, (box.y + box.height) * s), slice(box.x * s, (box.x + box.width) * s)
 
-                        def stage() -> None:
-                            report(progress, base + next(done), total)
+                    def run(run_dtype: torch.dtype, base: int = done, grid=grid, box=box, ys=ys, xs=xs):
+                        z = latent[i:i + 1, :, box.y:box.y + box.height, box.x:box.x + box.width]
+                        z = z.to(device=device, dtype=run_dtype)
+                        img = image_to_model(image[i:i + 1, ys, xs]).to(device=device, dtype=run_dtype)
+                        msk = mask[i:i + 1, None, ys, xs].to(device=device, dtype=run_dtype)
+                        if grid.whole:
+                            steps = iter(range(1, self.stages + 1))
 
-                        return self.forward(z, img, msk, stage=stage).float()
+                            def stage() -> None:
+                                report(progress, base + next(steps), total)
 
-                    def tick(n: int, _total: int) -> None:
-                        report(progress, base + n, total)
+                            return self.forward(z, img, msk, stage=stage).float()
 
-                    return decode_tiled(self.forward, z, img, msk, scale=self.config.scale, grid=grid,
-                                        progress=tick)
+                        def tick(n: int, _total: int) -> None:
+                            report(progress, base + n, total)
 
-                x = run(dtype)
-                if dtype == torch.float16 and not bool(torch.isfinite(x).all()):
-                    # float16 tops out at 65504; a decoder whose activations exceed it gives
-                    # inf/NaN. Redo this sample in float32 (cast layers upcast their weights).
-                    log.warning("masked decode overflowed float16; decoding this image again in float32")
-                    x = run(torch.float32)
-                outputs.append(model_to_image(x).to(out_device))
+                        return decode_tiled(self.forward, z, img, msk, scale=s, grid=grid, progress=tick)
+
+                    x = run(dtype)
+                    if dtype == torch.float16 and not bool(torch.isfinite(x).all()):
+                        # float16 tops out at 65504; a decoder whose activations exceed it gives
+                        # inf/NaN. Redo this part in float32 (cast layers upcast their weights).
+                        log.warning("masked decode overflowed float16; decoding this part again in float32")
+                        x = run(torch.float32)
+                    done += units(grid)
+                    pixels = model_to_image(x).to(out_device)
+                    if whole:
+                        out = pixels
+                    else:
+                        out[:, ys, xs] = pixels
+                outputs.append(out)
+        if done == 0:
+            report(progress, total, total)  # nothing to decode (no hole in region mode)
         return torch.cat(outputs, dim=0)
+
+    def decode_boxes(self, mask: torch.Tensor, lh: int, lw: int, region: str) -> list[Tile]:
+        """The latent boxes ``decode`` computes for one ``[H, W]`` mask: the whole latent, or
+        (``region`` ``"hole"``/``"auto"``) the ``hole_regions`` of the cells holding a hole
+        pixel grown by ``config.reach_cells``; an empty list when there is no hole."""
+        whole = [Tile(0, 0, lh, lw)]
+        if region == REGION_FULL:
+            return whole
+        s = self.config.scale
+        cells = F.max_pool2d((mask > 0).float()[None, None], s)[0, 0] > 0
+        boxes = hole_regions(cells, self.config.reach_cells)
+        if region == REGION_AUTO and region_share(boxes, lh, lw) > REGION_AUTO_MAX_SHARE:
+            return whole
+        return boxes
 
     # ---- input checks ------------------------------------------------------------------
 
@@ -761,4 +832,5 @@ def decode_memory_estimate(decoder: MaskedDecoder, latent_shape, dtype: torch.dt
 
 __all__ = ["MaskedDecoder", "DecoderConfig", "CondLayer", "load_decoder", "decode_memory_estimate",
            "crop_like_vae_encode", "latent_family_warning",
-           "canonical_weights", "infer_config", "fuse", "KIND_ASUKA", "KIND_AVQ"]
+           "canonical_weights", "infer_config", "fuse", "KIND_ASUKA", "KIND_AVQ",
+           "REGION_MODES", "REGION_AUTO", "REGION_FULL", "REGION_HOLE", "REGION_AUTO_MAX_SHARE"]

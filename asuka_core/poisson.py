@@ -127,13 +127,28 @@ def seamless_clone(source: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
 
 
 def dilate_box(mask: torch.Tensor, size: int) -> torch.Tensor:
-    """``cv2.dilate(mask, np.ones((size, size)))``: maximum over a size x size window with
-    OpenCV's anchor (the window spans ``-(size // 2) .. size - 1 - size // 2``), zero outside."""
+    """``cv2.dilate(mask, np.ones((size, size)))`` of a mask >= 0 ([B, H, W]): maximum over a
+    size x size window with OpenCV's anchor (the window spans ``-(size // 2) .. size - 1 -
+    size // 2``), zero outside. Only the bounding box of the non-zero pixels grown by the
+    window is computed (the window maximum is 0 elsewhere): the cost follows the hole, not
+    the picture."""
     if size <= 1:
         return mask
     lo = size // 2
     hi = size - 1 - lo
-    return F.max_pool2d(F.pad(mask[:, None], (lo, hi, lo, hi), value=0.0), size, stride=1)[:, 0]
+    out = torch.zeros_like(mask)
+    box = bounding_box((mask > 0).any(dim=0))
+    if box is None:
+        return out
+    h, w = mask.shape[-2:]
+    y0, x0 = max(0, box[0] - hi), max(0, box[1] - hi)
+    y1, x1 = min(h, box[2] + lo), min(w, box[3] + lo)
+    padded = F.pad(mask[:, None], (lo, hi, lo, hi), value=0.0)   # padded[p + lo] = mask[p]
+    window = padded[..., y0:y1 + size - 1, x0:x1 + size - 1]
+    # a square's maximum is the maximum over rows of the maximum over columns: two 1-D passes
+    rows = F.max_pool2d(window, (1, size), stride=1)
+    out[:, y0:y1, x0:x1] = F.max_pool2d(rows, (size, 1), stride=1)[:, 0]
+    return out
 
 
 def hd_painter_blend(original: torch.Tensor, generated: torch.Tensor, mask: torch.Tensor, *,
@@ -146,6 +161,8 @@ def hd_painter_blend(original: torch.Tensor, generated: torch.Tensor, mask: torc
     original, generated: [B, C, H, W]; mask: [B or 1, H, W] in [0, 1] (1 = regenerated).
     Pixels outside the bounding box of the dilated mask, and on its 1-pixel ring, keep the
     original exactly; inside the box the whole rectangle is re-solved (OpenCV's behaviour).
+    When that box (+1 px) lies inside the picture, only it is processed (``blend_window``):
+    the padding cannot reach it, so the result is the same and the cost follows the hole.
     """
     _check(generated, original, mask)
     h, w = original.shape[-2:]
@@ -153,6 +170,36 @@ def hd_painter_blend(original: torch.Tensor, generated: torch.Tensor, mask: torc
         raise InputError(f"the image ({w}x{h}) is too small for a {pad}-pixel blend padding: "
                          "lower the padding or use a larger image.")
     mask = mask.to(original.device).float().clamp(0, 1)
+    window = blend_window(mask, h, w, dilation)
+    if window is not None:
+        # Everything the solve reads or writes lies inside the window, away from the
+        # padding: blend the window alone (same numbers) and keep the original around it.
+        y0, x0, y1, x1 = window
+        out = original.clone()
+        out[..., y0:y1, x0:x1] = _blend_padded(original[..., y0:y1, x0:x1], generated[..., y0:y1, x0:x1],
+                                               mask[..., y0:y1, x0:x1], 0, dilation)
+        return out
+    return _blend_padded(original, generated, mask, pad, dilation)
+
+
+def blend_window(mask: torch.Tensor, h: int, w: int, dilation: int) -> tuple[int, int, int, int] | None:
+    """(y0, x0, y1, x1) of the pixels ``hd_painter_blend`` can change plus a 1-pixel ring:
+    the bounding box of the mask (any sample) grown by the dilation window, + 1. None when
+    it does not lie inside the picture (the padding then matters) or there is no hole."""
+    box = bounding_box((mask > 0).any(dim=0))
+    if box is None:
+        return None
+    lo = dilation // 2
+    hi = dilation - 1 - lo
+    y0, x0, y1, x1 = box[0] - hi - 1, box[1] - hi - 1, box[2] + lo + 1, box[3] + lo + 1
+    if y0 < 0 or x0 < 0 or y1 > h or x1 > w:
+        return None
+    return y0, x0, y1, x1
+
+
+def _blend_padded(original: torch.Tensor, generated: torch.Tensor, mask: torch.Tensor, pad: int,
+                  dilation: int) -> torch.Tensor:
+    """The padded blend on whole pictures (see ``hd_painter_blend``)."""
     if pad > 0:
         gen_p = F.pad(generated, (pad,) * 4, mode="reflect")
         orig_p = F.pad(original, (pad,) * 4, mode="reflect").clone()

@@ -21,6 +21,12 @@ What is reproduced, step by step (numbers from the official code):
   ``asuka_core.tiling``. This is an approximation (each tile sees only its window); the
   official code has no tiling.
 
+* regions (``sr_regions``): only the boxes around the part of the blend mask that is not
+  zero, grown by ``SR_CONTEXT`` latent cells, are given to the UNet; outside them the
+  blend returns the known latent whatever the model predicts, so the model's output
+  there is replaced by the known latent without running it. The UNet's attention and
+  normalisation then see the region only (an approximation, like tiles).
+
 Not reproduced: the official code pads the high-resolution image and mask to a multiple of
 256 (and the low-resolution image to 64) with reflection; here the sizes must already
 agree (HR = 4 x LR), which a 512-stage result from an SD VAE does.
@@ -34,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
-from .tiling import feather, tile_grid
+from .tiling import Tile, feather, hole_regions, region_share, tile_grid
 
 DILATION = 19          # cross-shaped dilation iterations on the HR mask
 BLUR_KERNEL = 19       # Gaussian blur taps on the latent-size mask
@@ -44,6 +50,8 @@ STEPS = 20             # official: t = 999, 949, ..., 49 (ComfyUI's "simple" sch
 CFG = 7.5
 POSITIVE_SUFFIX = "high resolution professional photo"
 SCALE = 4              # the x4 upscaler's VAE downscale = the upscale factor
+SR_CONTEXT = 16        # latent cells (64 output px) of context around the sampled region
+REGION_AUTO_MAX_SHARE = 0.5  # "auto" samples the region only when it is at most half the latent
 
 
 def grow_mask_diamond(mask: torch.Tensor, iterations: int) -> torch.Tensor:
@@ -143,12 +151,39 @@ def sample_known_latent_blend(model: Callable, x: torch.Tensor, sigmas: torch.Te
     return x
 
 
+def sr_regions(mask: torch.Tensor, region: str, context: int = SR_CONTEXT) -> list[Tile] | None:
+    """Latent boxes to sample for a blend mask ``[B, 1, h, w]`` (any sample's non-zero cells,
+    grown by ``context``), or None for the whole latent. ``region``: "full" -> None; "hole"
+    -> the boxes (none when the mask is empty); "auto" -> the boxes when they cover at most
+    ``REGION_AUTO_MAX_SHARE`` of the latent, else None."""
+    if region not in ("auto", "full", "hole"):
+        raise InputError(f"region must be auto, full or hole; got {region!r}.")
+    if region == "full":
+        return None
+    h, w = mask.shape[-2:]
+    boxes = hole_regions((mask > 0).reshape(-1, h, w).any(dim=0), context)
+    if region == "auto" and region_share(boxes, h, w) > REGION_AUTO_MAX_SHARE:
+        return None
+    return boxes
+
+
 def run_tiled(fn: Callable[[torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor], x: torch.Tensor,
-              spatial: Mapping[str, torch.Tensor], *, tile: int, overlap: int,
-              on_tile: Callable[[], None] | None = None) -> torch.Tensor:
+              spatial: Mapping[str, torch.Tensor], *, tile: int | None, overlap: int,
+              on_tile: Callable[[], None] | None = None, boxes: list[Tile] | None = None,
+              fill: torch.Tensor | None = None) -> torch.Tensor:
     """Evaluate ``fn(x_tile, spatial_tiles)`` on overlapping tiles of ``x`` [B, C, h, w] and
     cross-fade the outputs. ``spatial`` tensors share x's last two dims and are cropped with
-    it. ``tile``/``overlap`` in latent cells; one call when the latent fits in a tile."""
+    it. ``tile``/``overlap`` in latent cells (``tile`` None: no tiling); one call when the
+    latent fits in a tile. With ``boxes``, only those (disjoint) boxes are evaluated, each
+    tiled like a whole latent, and ``fill`` (broadcastable to the output) is returned
+    everywhere else."""
+    if boxes is not None:
+        out = fill.expand(*x.shape[:1], *fill.shape[1:]).to(x.device, x.dtype, copy=True)
+        for b in boxes:
+            ys, xs = slice(b.y, b.y + b.height), slice(b.x, b.x + b.width)
+            crops = {k: v[..., ys, xs] for k, v in spatial.items()}
+            out[..., ys, xs] = run_tiled(fn, x[..., ys, xs], crops, tile=tile, overlap=overlap, on_tile=on_tile)
+        return out
     grid = tile_grid(x.shape[-2], x.shape[-1], tile, overlap)
     if grid.whole:
         return fn(x, spatial)

@@ -9,6 +9,11 @@ cross-fade instead of meeting at a seam; edges on the image border are not rampe
 
 Tiling is not exact for these decoders: each tile's GroupNorm statistics, mid attention and
 border padding see only the tile. docs/decoder.md states the measured difference.
+
+Regions (``hole_regions``): when only the pixels of a hole are kept (everything else is
+pasted back from the original), only the cells that can reach the hole need computing. The
+hole's cells are grown by a reach (square window) and cut into disjoint boxes, each of
+which is then decoded alone (and tiled inside itself like a whole picture when asked).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from .errors import InputError
 from .runtime import Progress, report
@@ -88,6 +94,51 @@ def feather(tile: Tile, grid: TileGrid, scale: int) -> torch.Tensor:
     wy = _ramp(tile.height * scale, ramp, tile.y > 0, tile.y + tile.height < grid.height)
     wx = _ramp(tile.width * scale, ramp, tile.x > 0, tile.x + tile.width < grid.width)
     return wy[:, None] * wx[None, :]
+
+
+def grow_cells(hole: torch.Tensor, reach: int) -> torch.Tensor:
+    """[h, w] bool: every cell within ``reach`` cells (square window) of a True cell."""
+    if reach <= 0:
+        return hole.bool()
+    grown = F.max_pool2d(hole[None, None].float(), 2 * reach + 1, stride=1, padding=reach)
+    return grown[0, 0] > 0
+
+
+def _runs(occupied: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, end) runs of True in a 1-D bool tensor."""
+    padded = F.pad(occupied.to(torch.int8), (1, 1))
+    edges = torch.nonzero(padded[1:] != padded[:-1]).flatten().tolist()
+    return list(zip(edges[0::2], edges[1::2]))
+
+
+def _cut(cells: torch.Tensor, y0: int, x0: int) -> list[Tile]:
+    """Recursive X-Y cut of the True cells of ``cells`` (offset ``y0, x0``) into boxes
+    separated by empty rows or columns."""
+    rows = _runs(cells.any(dim=1))
+    if not rows:
+        return []
+    if len(rows) == 1:
+        cols = _runs(cells[rows[0][0]:rows[0][1]].any(dim=0))
+        if len(cols) == 1:
+            (ra, rb), (ca, cb) = rows[0], cols[0]
+            return [Tile(y0 + ra, x0 + ca, rb - ra, cb - ca)]
+        ra, rb = rows[0]
+        return [box for ca, cb in cols for box in _cut(cells[ra:rb, ca:cb], y0 + ra, x0 + ca)]
+    return [box for ra, rb in rows for box in _cut(cells[ra:rb], y0 + ra, x0)]
+
+
+def hole_regions(hole: torch.Tensor, reach: int) -> list[Tile]:
+    """Disjoint boxes (latent cells) that together hold every cell within ``reach`` cells of
+    a hole cell (``hole`` [h, w] bool, clipped to the grid). Each hole cell's whole
+    ``2 * reach + 1`` square lies inside a single box (a square is connected, so no cut
+    splits it), so a hole cell is at least ``reach`` cells from any box edge that is not
+    the picture's edge. No hole: no boxes."""
+    return _cut(grow_cells(hole, reach), 0, 0)
+
+
+def region_share(boxes: list[Tile], height: int, width: int) -> float:
+    """The part of a ``height`` x ``width`` grid the boxes cover (they are disjoint)."""
+    return sum(b.height * b.width for b in boxes) / float(height * width)
 
 
 DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -6,7 +6,10 @@ import comfy.model_management as mm
 import torch
 from comfy_api.latest import io
 
-from ..asuka_core.decoder import crop_like_vae_encode, decode_memory_estimate, latent_family_warning, load_decoder
+from ..asuka_core.decoder import (
+    REGION_AUTO, REGION_FULL, REGION_MODES, crop_like_vae_encode, decode_memory_estimate, latent_family_warning,
+    load_decoder,
+)
 from ..asuka_core.errors import AsukaError, InputError
 from ..asuka_core.imaging import composite as paste_fill, prepare_image_and_mask
 from ..asuka_core.tiling import MIN_TILE
@@ -83,6 +86,13 @@ class MaskedDecode(io.ComfyNode):
                     "the whole-image decode, see docs/decoder.md), to bound memory on very large images.")),
                 io.Int.Input("tile_overlap", default=64, min=0, max=1024, step=8, tooltip=(
                     "Overlap between tiles in pixels; tiles are feathered across it so no seam shows.")),
+                io.Combo.Input("region", options=list(REGION_MODES), default=REGION_AUTO, optional=True, tooltip=(
+                    "Which part is decoded. auto: with composite on, only the hole plus the margin the "
+                    "decoder can see (160-190 px) when that is at most half the picture, otherwise all "
+                    "of it. full: always the whole picture. hole: always only the hole and its margin "
+                    "(outside it the output is the input image, even with composite off). The hole "
+                    "region sees less of the picture in its normalisation and attention, so it is close "
+                    "to, not identical with, the full decode; see docs/decoder.md.")),
             ],
             outputs=[io.Image.Output(display_name="image", tooltip="The decoded picture.")],
             hidden=[io.Hidden.unique_id],
@@ -90,7 +100,7 @@ class MaskedDecode(io.ComfyNode):
 
     @classmethod
     def execute(cls, decoder, samples, image, mask, composite: bool, tile_size: int,
-                tile_overlap: int) -> io.NodeOutput:
+                tile_overlap: int, region: str = REGION_AUTO) -> io.NodeOutput:
         if 0 < tile_size < MIN_TILE * 8:
             raise InputError(f"tile_size {tile_size} px is too small: use 0 (no tiling) or at least "
                              f"{MIN_TILE * 8} px.")
@@ -103,14 +113,16 @@ class MaskedDecode(io.ComfyNode):
             decoder, decode_memory_estimate(decoder.model, latent.shape, decoder.model.compute_dtype))
         tile = tile_size // 8 or None
         overlap = tile_overlap // 8
+        if region == REGION_AUTO and not composite:
+            region = REGION_FULL  # the raw output is wanted everywhere
         try:
-            pixels = model.decode(latent, image, mask, tile_size=tile, tile_overlap=overlap,
+            pixels = model.decode(latent, image, mask, tile_size=tile, tile_overlap=overlap, region=region,
                                   progress=common.progress_bar(1))
         except Exception as e:  # noqa: BLE001 - only memory errors are handled, see below
             if tile is not None or not common.is_out_of_memory(e):
                 raise
             mm.soft_empty_cache()
-            pixels = cls._decode_tiled_fallback(model, latent, image, mask, max(overlap, OOM_TILE_OVERLAP))
+            pixels = cls._decode_tiled_fallback(model, latent, image, mask, max(overlap, OOM_TILE_OVERLAP), region)
         if composite:
             image, mask = prepare_image_and_mask(image, mask, require_hole=False)
             image, mask = crop_like_vae_encode(image, mask, model.config.scale)  # as decode() did
@@ -119,7 +131,7 @@ class MaskedDecode(io.ComfyNode):
         return io.NodeOutput(pixels, ui=previews.decode_preview(pixels, mask))
 
     @classmethod
-    def _decode_tiled_fallback(cls, model, latent, image, mask, overlap):
+    def _decode_tiled_fallback(cls, model, latent, image, mask, overlap, region=REGION_FULL):
         """Retry an untiled decode that ran out of memory in tiles of OOM_TILE_SIZES (only
         sizes smaller than the latent: a tile as large as the image is the same decode), and
         tell the user which size was used."""
@@ -128,7 +140,7 @@ class MaskedDecode(io.ComfyNode):
         for tile in sizes:
             try:
                 pixels = model.decode(latent, image, mask, tile_size=tile, tile_overlap=min(overlap, tile // 4),
-                                      progress=common.progress_bar(1))
+                                      region=region, progress=common.progress_bar(1))
             except Exception as e:  # noqa: BLE001
                 if not common.is_out_of_memory(e):
                     raise

@@ -18,7 +18,7 @@ from ..asuka_core import super_resolution as sr
 from ..asuka_core.errors import InputError
 from ..asuka_core.imaging import to_image_batch, to_mask_batch
 from ..asuka_core.poisson import blend_images, check_mask_size
-from ..asuka_core.tiling import MIN_TILE, tile_grid
+from ..asuka_core.tiling import MIN_TILE, region_share, tile_grid
 from . import common
 from .types import HD_PAINTER_CATEGORY
 
@@ -27,13 +27,16 @@ MIN_TILE_PX = MIN_TILE * sr.SCALE
 VAE_TILE, VAE_TILE_OVERLAP = 512, 64  # pixels: tiles for encoding the original when tile_size > 0
 
 
-def _tiled_model_function(tile: int, overlap: int, previous):
+def _tiled_model_function(tile: int | None, overlap: int, previous, boxes=None, known=None):
     """A ``model_function_wrapper`` that runs the UNet on overlapping latent tiles, cropping
-    every conditioning tensor laid out like the latent (the x4 upscaler's ``c_concat``)."""
+    every conditioning tensor laid out like the latent (the x4 upscaler's ``c_concat``).
+    With ``boxes`` (``sr.sr_regions``) only those are run and the prediction elsewhere is
+    the ``known`` latent (model space), which the blend keeps there anyway."""
     def wrapper(apply_model, args):
         x, timestep, c = args["input"], args["timestep"], args["c"]
         if c.get("control") is not None:
-            raise InputError("tiled upscaling cannot be combined with a ControlNet: set tile_size to 0.")
+            raise InputError("tiled or region upscaling cannot be combined with a ControlNet: set tile_size "
+                             "to 0 and region to full.")
         spatial = {k: v for k, v in c.items()
                    if isinstance(v, torch.Tensor) and v.ndim == x.ndim and v.shape[-2:] == x.shape[-2:]}
         rest = {k: v for k, v in c.items() if k not in spatial}
@@ -44,13 +47,18 @@ def _tiled_model_function(tile: int, overlap: int, previous):
                 return previous(apply_model, {**args, "input": x_tile, "c": tile_c})
             return apply_model(x_tile, timestep, **tile_c)
 
+        fill = None
+        if boxes is not None:  # the CFG batch stacks whole copies of the latent batch
+            fill = known.to(x.device, x.dtype)
+            if fill.shape[0] not in (1, x.shape[0]):
+                fill = fill.repeat(x.shape[0] // fill.shape[0], 1, 1, 1)
         return sr.run_tiled(run, x, spatial, tile=tile, overlap=overlap,
-                            on_tile=mm.throw_exception_if_processing_interrupted)
+                            on_tile=mm.throw_exception_if_processing_interrupted, boxes=boxes, fill=fill)
     return wrapper
 
 
 def _sample_sr(model, x, sigmas, extra_args=None, callback=None, disable=None, *, known_latent, mask,
-               tile=None, overlap=0):
+               tile=None, overlap=0, region="full"):
     """KSAMPLER function: checks the model, scales the known latent into the model's space,
     installs the tile wrapper, then runs asuka_core's known-latent blending loop."""
     base = model.inner_model.inner_model
@@ -61,12 +69,18 @@ def _sample_sr(model, x, sigmas, extra_args=None, callback=None, disable=None, *
             f"({type(base.model_config).__name__}). Connect the x4 upscaler's MODEL.")
     known = base.process_latent_in(known_latent.to(x.device, x.dtype))
     extra_args = dict(extra_args or {})
+    boxes = sr.sr_regions(mask, region)
+    if boxes is not None:
+        common.log.info("HD-Painter SR: sampling %d region(s) covering %.0f%% of the %dx%d latent", len(boxes),
+                        100 * region_share(boxes, x.shape[-2], x.shape[-1]), x.shape[-1], x.shape[-2])
     if tile is not None:
         grid = tile_grid(x.shape[-2], x.shape[-1], tile, overlap)
         common.log.info("HD-Painter SR: %d tile(s) of up to %dx%d latent cells over a %dx%d latent",
                         len(grid.tiles), tile, tile, x.shape[-1], x.shape[-2])
+    if tile is not None or boxes is not None:
         options = dict(extra_args.get("model_options") or {})
-        options["model_function_wrapper"] = _tiled_model_function(tile, overlap, options.get("model_function_wrapper"))
+        options["model_function_wrapper"] = _tiled_model_function(
+            tile, overlap, options.get("model_function_wrapper"), boxes=boxes, known=known)
         extra_args["model_options"] = options
     return sr.sample_known_latent_blend(model, x, sigmas, extra_args, callback, disable, known=known, mask=mask)
 
@@ -104,13 +118,19 @@ class HDPainterSRSampler(io.ComfyNode):
                     "512 px tiles.")),
                 io.Int.Input("tile_overlap", default=128, min=0, max=2048, step=32, tooltip=(
                     "Overlap between tiles in output pixels; tiles cross-fade over it.")),
+                io.Combo.Input("region", options=["auto", "full", "hole"], default="auto", optional=True, tooltip=(
+                    "Which part the upscaler samples. Outside the grown, blurred mask the result is the "
+                    "original anyway. auto: only the mask's area plus 64 px of context when that is at most "
+                    "half the picture, otherwise all of it. full: the whole picture (HD-Painter's way). "
+                    "hole: always only the mask's area and context. The region sees less of the picture, so "
+                    "it approximates the full result; see docs/super-resolution.md.")),
             ],
             outputs=[io.Sampler.Output(display_name="sampler", tooltip="Connect to SamplerCustom's sampler input.")],
         )
 
     @classmethod
     def execute(cls, vae, image, mask, mask_grow: int, mask_blur: int, tile_size: int,
-                tile_overlap: int) -> io.NodeOutput:
+                tile_overlap: int, region: str = "auto") -> io.NodeOutput:
         image, mask = to_image_batch(image), to_mask_batch(mask)
         if getattr(vae, "downscale_ratio", None) != sr.SCALE or getattr(vae, "latent_channels", None) != 4:
             raise InputError(
@@ -132,7 +152,7 @@ class HDPainterSRSampler(io.ComfyNode):
         known = known.to(common.intermediate_device())
         m = sr.blend_mask(mask, tuple(known.shape[-2:]), dilation=mask_grow, blur=mask_blur)
         options = {"known_latent": known, "mask": m,
-                   "tile": tile_size // sr.SCALE or None, "overlap": tile_overlap // sr.SCALE}
+                   "tile": tile_size // sr.SCALE or None, "overlap": tile_overlap // sr.SCALE, "region": region}
         return io.NodeOutput(comfy.samplers.KSAMPLER(_sample_sr, extra_options=options))
 
 

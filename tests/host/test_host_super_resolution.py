@@ -34,7 +34,7 @@ def _latent(comfy, result, node_id):
 
 def sr_graph(*, x4: str, hr_image: str, lr_image: str, tile_size: int = 0, steps: int = 2,
              model_from: tuple | None = None, vae_from: tuple | None = None, hr_scale: int | None = None,
-             prefix: str = "sr", blend: bool = True) -> Graph:
+             prefix: str = "sr", blend: bool = True, region: str | None = None) -> Graph:
     g = Graph()
     ckpt = g.add("CheckpointLoaderSimple", _id="x4", ckpt_name=x4)
     pos = g.add("CLIPTextEncode", _id="pos", clip=ckpt[1], text="a boat, high resolution professional photo")
@@ -48,7 +48,8 @@ def sr_graph(*, x4: str, hr_image: str, lr_image: str, tile_size: int = 0, steps
     up = g.add("SD_4XUpscale_Conditioning", _id="up", images=lr[0], positive=pos[0], negative=neg[0],
                scale_ratio=4.0, noise_augmentation=0.057)
     sampler = g.add("HDPainter_SRSampler", _id="sampler", vae=list(vae_from or ckpt[2]), image=hr_pixels,
-                    mask=hr[1], mask_grow=19, mask_blur=19, tile_size=tile_size, tile_overlap=32)
+                    mask=hr[1], mask_grow=19, mask_blur=19, tile_size=tile_size, tile_overlap=32,
+                    **({"region": region} if region else {}))
     model = list(model_from or ckpt[0])
     sigmas = g.add("BasicScheduler", _id="sigmas", model=model, scheduler="simple", steps=steps, denoise=1.0)
     sc = g.add("SamplerCustom", _id="sample", model=model, add_noise=True, noise_seed=7, cfg=7.5,
@@ -138,6 +139,18 @@ def test_tiled_sr_runs_in_tiles_and_keeps_the_known_latent(comfy, x4_upscaler_ch
     _, sampled, _ = run_and_compare_known(comfy, g, HR // 8, SMALL_BOX)
     assert np.isfinite(sampled.numpy()).all()
     assert "HD-Painter SR: 4 tile(s) of up to 24x24 latent cells over a 32x32 latent" in comfy.log_text()
+
+
+def test_region_sr_samples_only_the_hole_region_and_keeps_the_known_latent(comfy, x4_upscaler_checkpoint, uploads):
+    """region=hole: the UNet runs on the box around the blend mask plus context only; the
+    rest is the known latent, as in a full run; Poisson blend keeps the original outside."""
+    g = sr_graph(x4=x4_upscaler_checkpoint, hr_image=uploads["hr"], lr_image=uploads["lr"], region="hole",
+                 prefix="sr-region")
+    result, sampled, known = run_and_compare_known(comfy, g, HR // 4, MASK_BOX)
+    assert "HD-Painter SR: sampling 1 region(s) covering" in comfy.log_text()
+    inside = ~far_from_mask(HR // 4, MASK_BOX, 0)
+    assert np.abs(sampled[0][:, inside].numpy() - known[0][:, inside].numpy()).mean() > 1e-2
+    assert_original_outside_blend(comfy.image(result, "save"), uploads["original"])
 
 
 def _error(comfy, g):

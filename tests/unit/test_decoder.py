@@ -20,7 +20,8 @@ from asuka_core.decoder import (
     infer_config, load_decoder,
 )
 from asuka_core.errors import CheckpointError, InputError
-from asuka_core.tiling import MIN_TILE, Tile, TileGrid, decode_tiled, feather, tile_grid
+from asuka_core.imaging import composite
+from asuka_core.tiling import MIN_TILE, Tile, TileGrid, decode_tiled, feather, hole_regions, region_share, tile_grid
 from tests.fixtures.decoder_files import (
     ASUKA_CONFIG, asuka_decoder_state_dict, avq_ldm_state_dict, condition_widths, diffusers_asym_vae,
     diffusers_to_ldm, ldm_decoder_shapes, write_diffusers_folder, write_official_asuka_decoder_ckpt,
@@ -379,25 +380,6 @@ class _LocalOps:
             return g.view(b, c, h, w) * self.weight[:, None, None] + self.bias[:, None, None]
 
 
-def _reach_px(config) -> int:
-    """How far (in pixels) an output pixel of the decoder can see, counted from the
-    architecture alone: a 3x3 convolution reaches one cell of its input, a 4x4 stride-2
-    one two cells; a cell at level l is 2**l pixels. The main path and the condition
-    encoder are added (an upper bound), plus one latent cell for alignment."""
-    levels = config.levels
-    main = (1 + 4) * 2 ** (levels - 1)                       # conv_in, mid: 2 ResNets x 2 convs
-    for lv in reversed(range(levels)):
-        main += 2 * config.blocks[lv] * 2 ** lv             # ResNets: 2 convs each
-        if lv:
-            main += 2 ** (lv - 1)                            # upsample conv, at the next level
-    main += 1                                                # conv_out
-    cond, cell = 0, 1
-    for layer in config.cond_layers:
-        cond += (1 if layer.kernel == 3 else 2) * cell
-        cell *= layer.stride
-    return main + cond + 2 ** (levels - 1)
-
-
 def test_tiles_are_exact_where_a_local_decoder_cannot_see_a_tile_border(tiny_asuka_sd):
     """Exactness, not a tolerance: with no global operation (see _LocalOps), a tile's pixel
     that is farther than the decoder's reach from every border the tile shares with a
@@ -406,7 +388,7 @@ def test_tiles_are_exact_where_a_local_decoder_cannot_see_a_tile_border(tiny_asu
     for name in ("weight", "bias"):
         sd[f"decoder.mid.attn_1.proj_out.{name}"] = torch.zeros_like(sd[f"decoder.mid.attn_1.proj_out.{name}"])
     local = load_decoder(sd, operations=_LocalOps)
-    reach = _reach_px(local.config)
+    reach = local.config.reach_px
     lh, lw, tile, overlap = 4, 64, 32, 8                      # tiles span the height: borders are vertical
     z, image, mask = _inputs(0, batch=1, lh=lh, lw=lw, channels=16)
     whole = local.decode(z, image, mask)
@@ -633,3 +615,140 @@ def test_soft_masks_are_binarised_for_avq_as_diffusers_does(diffusers_vae):
     binarised = VaeImageProcessor(do_normalize=False, do_binarize=True, do_convert_grayscale=True).binarize(mask.clone())
     expected = ((_diffusers_decode(diffusers_vae, z, image, binarised) + 1) / 2).clamp(0, 1).movedim(1, -1)
     assert (avq.decode(z, image, mask) - expected).abs().max().item() < 1e-4
+
+
+# --------------------------------------------------------------------------------------
+# Region decoding: only the boxes that can reach the hole
+
+
+def _rect_mask(batch: int, lh: int, lw: int, rects_per_sample) -> torch.Tensor:
+    """MASK [B, H, W] with the given pixel rectangles (y0, y1, x0, x1) per sample; the
+    first rectangle of each sample gets a soft 3-pixel edge above it."""
+    mask = torch.zeros(batch, lh * 8, lw * 8)
+    for b, rects in enumerate(rects_per_sample):
+        for y0, y1, x0, x1 in rects:
+            mask[b, y0:y1, x0:x1] = 1.0
+        y0, _, x0, x1 = rects[0]
+        if y0 >= 3:
+            mask[b, y0 - 3:y0, x0:x1] = 0.4
+    return mask
+
+
+@pytest.fixture(scope="module")
+def local_asuka(tiny_asuka_sd):
+    """The tiny ASUKA decoder with no global operation (see _LocalOps)."""
+    sd = dict(tiny_asuka_sd)
+    for name in ("weight", "bias"):
+        sd[f"decoder.mid.attn_1.proj_out.{name}"] = torch.zeros_like(sd[f"decoder.mid.attn_1.proj_out.{name}"])
+    return load_decoder(sd, operations=_LocalOps)
+
+
+def _brute_grown(hole: torch.Tensor, reach: int) -> torch.Tensor:
+    """Cells within ``reach`` (Chebyshev distance) of a hole cell, by explicit distances."""
+    ys, xs = torch.nonzero(hole, as_tuple=True)
+    gy, gx = torch.meshgrid(torch.arange(hole.shape[0]), torch.arange(hole.shape[1]), indexing="ij")
+    if ys.numel() == 0:
+        return torch.zeros_like(hole)
+    d = torch.maximum((gy[..., None] - ys).abs(), (gx[..., None] - xs).abs()).min(-1).values
+    return d <= reach
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_hole_regions_are_disjoint_boxes_holding_each_grown_hole_cell(seed):
+    g = torch.Generator().manual_seed(seed)
+    h, w, reach = 40, 56, 3 + seed % 3
+    hole = torch.rand(h, w, generator=g) > 0.995          # scattered cells, some near the border
+    hole[seed, 0] = True
+    boxes = hole_regions(hole, reach)
+    owner = torch.full((h, w), -1)
+    for n, b in enumerate(boxes):
+        assert b.height > 0 and b.width > 0 and b.y >= 0 and b.x >= 0 and b.y + b.height <= h and b.x + b.width <= w
+        assert (owner[b.y:b.y + b.height, b.x:b.x + b.width] == -1).all()       # disjoint
+        owner[b.y:b.y + b.height, b.x:b.x + b.width] = n
+    grown = _brute_grown(hole, reach)
+    assert (owner[grown] >= 0).all()                                              # covers the grown hole
+    for y, x in torch.nonzero(hole).tolist():                                     # a square is never split
+        square = owner[max(0, y - reach):y + reach + 1, max(0, x - reach):x + reach + 1]
+        assert (square == square[0, 0]).all()
+    assert region_share(boxes, h, w) == pytest.approx(float((owner >= 0).sum()) / (h * w))
+
+
+def test_hole_regions_separate_far_holes_and_merge_near_ones():
+    hole = torch.zeros(30, 60, dtype=torch.bool)
+    hole[2:5, 3:6] = True
+    hole[20:24, 40:50] = True
+    assert hole_regions(hole, 4) == [Tile(0, 0, 9, 10), Tile(16, 36, 12, 18)]
+    assert len(hole_regions(hole, 16)) == 2                 # rows overlap, columns do not
+    assert len(hole_regions(hole, 17)) == 1                # grown squares meet: one box
+    assert hole_regions(torch.zeros(8, 8, dtype=torch.bool), 3) == []
+
+
+def test_region_decode_equals_the_full_decode_in_the_hole_without_global_ops(local_asuka):
+    """Exactness, not a tolerance: with no global operation a hole pixel sees nothing
+    beyond the decoder's reach, which the region includes."""
+    lh = lw = 48
+    z, image, _ = _inputs(1, batch=1, lh=lh, lw=lw, channels=16)
+    mask = _rect_mask(1, lh, lw, [[(170, 205, 160, 230)]])
+    boxes = local_asuka.decode_boxes(mask[0], lh, lw, "hole")
+    assert len(boxes) == 1 and region_share(boxes, lh, lw) < 0.8
+    full = local_asuka.decode(z, image, mask, region="full")
+    calls = []
+    region = local_asuka.decode(z, image, mask, region="hole", progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(n, local_asuka.stages) for n in range(1, local_asuka.stages + 1)]
+    hole = mask > 0
+    assert torch.allclose(region[hole], full[hole], atol=1e-5)
+    b = boxes[0]
+    inside = torch.zeros_like(hole)
+    inside[:, b.y * 8:(b.y + b.height) * 8, b.x * 8:(b.x + b.width) * 8] = True
+    assert torch.equal(region[~inside], image[~inside])                 # outside the box: the original
+    assert not torch.allclose(region[inside & ~hole], full[inside & ~hole], atol=1e-3)  # box edges differ
+    pasted, pasted_full = composite(image, region, mask), composite(image, full, mask)
+    assert torch.equal(pasted[~hole], image[~hole]) and torch.equal(pasted_full[~hole], image[~hole])
+    assert torch.allclose(pasted, pasted_full, atol=1e-5)
+
+
+def test_region_decode_several_holes_on_the_border_and_a_batch_of_masks(local_asuka):
+    lh, lw = 40, 96
+    z, image, _ = _inputs(2, batch=2, lh=lh, lw=lw, channels=16)
+    mask = _rect_mask(2, lh, lw, [
+        [(0, 40, 0, 48), (280, 320, 700, 768)],               # two holes in opposite corners
+        [(150, 190, 730, 768)],                                # one hole on the right edge
+    ])
+    assert len(local_asuka.decode_boxes(mask[0], lh, lw, "hole")) == 2
+    assert len(local_asuka.decode_boxes(mask[1], lh, lw, "hole")) == 1
+    full = local_asuka.decode(z, image, mask)
+    calls = []
+    region = local_asuka.decode(z, image, mask, region="auto", progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(n, 3 * local_asuka.stages) for n in range(1, 3 * local_asuka.stages + 1)]
+    hole = mask > 0
+    assert torch.allclose(region[hole], full[hole], atol=1e-5)
+    assert torch.equal(composite(image, region, mask)[~hole], image[~hole])
+    # one sample alone gives the same as in the batch
+    alone = local_asuka.decode(z[1:], image[1:], mask[1:], region="hole")
+    assert torch.allclose(alone, region[1:], atol=1e-6)
+
+
+def test_region_modes_on_a_decoder_with_global_ops(tiny_asuka):
+    lh = lw = 48
+    z, image, _ = _inputs(3, batch=1, lh=lh, lw=lw, channels=16)
+    big = _rect_mask(1, lh, lw, [[(40, 340, 40, 340)]])
+    assert torch.equal(tiny_asuka.decode(z, image, big, region="auto"), tiny_asuka.decode(z, image, big))
+    small = _rect_mask(1, lh, lw, [[(10, 40, 12, 50)]])
+    assert region_share(tiny_asuka.decode_boxes(small[0], lh, lw, "auto"), lh, lw) <= 0.5
+    auto, hole_only = (tiny_asuka.decode(z, image, small, region=r) for r in ("auto", "hole"))
+    assert torch.equal(auto, hole_only)
+    full = tiny_asuka.decode(z, image, small)
+    hole = small > 0
+    # GroupNorm statistics and the mid attention see only the region: close, not equal
+    assert not torch.equal(auto[hole], full[hole])
+    # tiles inside the region: shape and the original outside
+    tiled = tiny_asuka.decode(z, image, small, region="hole", tile_size=8, tile_overlap=2)
+    assert tiled.shape == full.shape and torch.equal(composite(image, tiled, small)[~hole], image[~hole])
+    # no hole: nothing decoded, the original returned
+    calls = []
+    empty = torch.zeros(1, lh * 8, lw * 8)
+    assert torch.equal(tiny_asuka.decode(z, image, empty, region="auto", progress=lambda d, t: calls.append((d, t))),
+                       image)
+    assert calls == [(1, 1)]
+    with pytest.raises(InputError, match="region must be one of"):
+        tiny_asuka.decode(z, image, small, region="box")

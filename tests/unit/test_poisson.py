@@ -170,6 +170,39 @@ def test_dilate_box_matches_opencv_even_and_odd_kernels():
         assert np.array_equal(ours, cv2.dilate(m, np.ones((k, k), np.uint8))), k
 
 
+def test_blend_of_an_inner_hole_works_on_its_window_only_with_the_same_result():
+    from asuka_core import poisson
+
+    g = torch.Generator().manual_seed(3)
+    orig, fake = torch.rand(2, 3, 200, 240, generator=g), torch.rand(2, 3, 200, 240, generator=g)
+    mask = torch.zeros(2, 200, 240)
+    mask[0, 60:90, 70:120] = 1
+    mask[1, 100:130, 150:170] = torch.rand(30, 20, generator=g)
+    window = poisson.blend_window(mask, 200, 240, 48)
+    assert window == (60 - 23 - 1, 70 - 23 - 1, 130 + 24 + 1, 170 + 24 + 1)
+    whole = poisson._blend_padded(orig, fake, mask, 32, 48)
+    assert torch.equal(hd_painter_blend(orig, fake, mask), whole)
+    near = torch.zeros(1, 200, 240)
+    near[:, 10:40, 100:140] = 1                                  # the grown box reaches the border
+    assert poisson.blend_window(near, 200, 240, 48) is None
+    assert poisson.blend_window(torch.zeros(1, 200, 240), 200, 240, 48) is None
+
+
+@pytest.mark.parametrize("size", [2, 7, 48])
+def test_dilate_box_computes_only_near_the_mask_and_equals_the_whole_window_maximum(size):
+    """The bounding-box shortcut against the plain formula over the whole picture, for holes
+    in the middle, on every border and soft values."""
+    g = torch.Generator().manual_seed(size)
+    mask = torch.zeros(3, 90, 120)
+    mask[0, 30:40, 50:61] = torch.rand(10, 11, generator=g)
+    mask[1, 0:5, 0:3] = 1
+    mask[1, 85:90, 110:120] = 0.5
+    lo, hi = size // 2, size - 1 - size // 2
+    whole = F.max_pool2d(F.pad(mask[:, None], (lo, hi, lo, hi), value=0.0), size, stride=1)[:, 0]
+    assert torch.equal(dilate_box(mask, size), whole)
+    assert torch.equal(dilate_box(torch.zeros(1, 20, 20), size), torch.zeros(1, 20, 20))
+
+
 def test_errors_name_the_problem():
     img = torch.rand(1, 3, 40, 40)
     with pytest.raises(InputError, match="same size"):

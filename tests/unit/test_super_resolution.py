@@ -20,7 +20,9 @@ import torch
 from PIL import Image
 
 from asuka_core.errors import InputError
+from asuka_core.tiling import region_share
 from asuka_core.super_resolution import (
+    SR_CONTEXT, sr_regions,
     BLUR_KERNEL, DILATION, blend_mask, gaussian_blur, grow_mask_diamond, run_tiled, sample_known_latent_blend,
 )
 
@@ -190,3 +192,75 @@ def test_tiles_cross_fade_where_they_disagree():
     row = out[0, 0, 0]
     assert (row.diff() >= -1e-6).all()           # monotone, like the input
     assert row.diff().abs().max() < 0.05         # no seam
+
+
+# ------------------------------------------------------------------------------ regions
+
+
+def _two_hole_mask(batch_masks):
+    """A blend mask [B, 1, 128, 192] from HR masks with the given pixel boxes per sample."""
+    hr = torch.zeros(len(batch_masks), 512, 768)
+    for b, boxes in enumerate(batch_masks):
+        for y0, y1, x0, x1 in boxes:
+            hr[b, y0:y1, x0:x1] = 1
+    return blend_mask(hr, (128, 192))
+
+
+def test_sr_regions_hold_every_cell_the_blend_can_change():
+    mask = _two_hole_mask([[(0, 30, 0, 40)], [(450, 512, 700, 768)]])    # corners, one per sample
+    boxes = sr_regions(mask, "hole")
+    assert len(boxes) == 2
+    covered = torch.zeros(128, 192, dtype=torch.bool)
+    for b in boxes:
+        covered[b.y:b.y + b.height, b.x:b.x + b.width] = True
+    changed = (mask > 0).any(dim=0)[0]
+    assert changed.any() and covered[changed].all()
+    # context: SR_CONTEXT cells around every changed cell (inside the latent)
+    ys, xs = torch.nonzero(changed, as_tuple=True)
+    assert covered[(ys + SR_CONTEXT).clamp(max=127), xs].all() and covered[ys, (xs - SR_CONTEXT).clamp(min=0)].all()
+    assert sr_regions(mask, "full") is None
+    assert sr_regions(mask, "auto") == boxes and region_share(boxes, 128, 192) <= 0.5
+    big = _two_hole_mask([[(80, 440, 120, 660)]])
+    assert sr_regions(big, "auto") is None and len(sr_regions(big, "hole")) == 1
+    assert sr_regions(torch.zeros(1, 1, 128, 192), "hole") == []
+    with pytest.raises(InputError, match="region"):
+        sr_regions(mask, "box")
+
+
+def _region_denoiser(denoise, boxes, known):
+    """What the node's model wrapper does: the model on the boxes, the known latent elsewhere."""
+    def model(x, sigma, **_):
+        return run_tiled(lambda a, _s: denoise(a, sigma), x, {}, tile=None, overlap=0, boxes=boxes, fill=known)
+    return model
+
+
+@pytest.mark.parametrize("tile", [None, 12])
+def test_region_sampling_equals_full_sampling_for_a_pixelwise_model(tile):
+    """Outside the boxes the blend keeps the known latent whatever the model says, so a
+    model that looks at each cell alone gives exactly the full result everywhere."""
+    g = torch.Generator().manual_seed(1)
+    mask = _two_hole_mask([[(0, 40, 0, 60), (470, 512, 700, 768)], [(20, 60, 30, 90)]])
+    x = torch.randn(2, 4, 128, 192, generator=g) * 5
+    known = torch.randn(2, 4, 128, 192, generator=g)
+    sigmas = torch.tensor([5.0, 2.0, 0.7, 0.0])
+    pixelwise = lambda a, s: torch.tanh(a / (1 + s)) * 0.9  # noqa: E731
+    full = sample_known_latent_blend(lambda a, s: pixelwise(a, s[0]), x, sigmas, known=known, mask=mask)
+    boxes = sr_regions(mask, "hole")
+    calls = []
+
+    def counted(a, s):
+        calls.append(tuple(a.shape[-2:]))
+        return pixelwise(a, s[0])
+
+    model = lambda a, s: run_tiled(lambda t, _c: counted(t, s), a, {}, tile=tile, overlap=4,  # noqa: E731
+                                   boxes=boxes, fill=known)
+    region = sample_known_latent_blend(model, x, sigmas, known=known, mask=mask)
+    assert torch.allclose(region, full, atol=1e-6)
+    assert sum(h * w for h, w in calls) < 3 * 128 * 192 * 0.9       # fewer cells than the full latent
+    # a model with a global statistic sees only its region: the result then differs
+    global_model = lambda a, s: a - a.mean()  # noqa: E731
+    ref = sample_known_latent_blend(lambda a, s: global_model(a, s), x, sigmas, known=known, mask=mask)
+    approx = sample_known_latent_blend(_region_denoiser(global_model, boxes, known), x, sigmas, known=known,
+                                       mask=mask)
+    keep = (mask == 0).expand_as(known)
+    assert torch.equal(approx[keep], known[keep]) and not torch.allclose(approx, ref, atol=1e-4)
