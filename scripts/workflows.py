@@ -310,6 +310,40 @@ def sd15_train_aligner_graph() -> dict[str, Node]:
 WORKFLOWS["asuka_sd15_train_aligner"] = (sd15_train_aligner_graph, TRAIN_NOTE)
 
 
+# --- masked-decoder training (docs/training.md) ---------------------------------------
+
+TRAIN_DECODER_NOTE = (
+    "Train an SD1.5 ASUKA masked decoder inside ComfyUI (comfyui-asuka)\n\n"
+    "No 4-channel ASUKA decoder is published, so this graph makes one: 'Train ASUKA Masked Decoder' "
+    "fine-tunes the Asymmetric VQGAN decoder (models/asuka) on a folder of your photos (in "
+    "ComfyUI/input/asuka_photos, or an absolute path) with ASUKA's colour and latent augmentation, "
+    "your SD1.5 inpainting checkpoint frozen, then the rest of the graph inpaints the loaded picture "
+    "and decodes it with the freshly trained decoder.\n\n"
+    "LPIPS needs two weight files you put in models/asuka (the node's tooltips name them); nothing "
+    "is downloaded. It blocks the queue while it trains; Cancel stops it and keeps a resumable "
+    "state. The decoder is saved to models/asuka/<run_name>.safetensors, the run to "
+    "output/asuka_training/<run_name>/.\n\n"
+    "A useful decoder needs a GPU and many thousand steps: see docs/training.md. For long runs the "
+    "command line (scripts/host.sh train-decoder) is easier. This graph also needs an SD1.5 aligner "
+    "you trained (graph 5)."
+)
+
+
+def sd15_train_decoder_graph() -> dict[str, Node]:
+    """Checkpoint -> ASUKA_TrainDecoder -> (its decoder) the SD1.5 ASUKA graph; loss curve preview."""
+    g = sd15_inpaint_graph()
+    start = g.pop("decoder_loader").widgets["decoder_name"]
+    g["train"] = Node("ASUKA_TrainDecoder", {"start_decoder": start, "images_folder": "asuka_photos",
+                                             "steps": 1000},
+                      links={"model": ("ckpt", 0), "vae": ("ckpt", 2), "clip": ("ckpt", 1)}, pos=(2000, 380))
+    g["decode"].links["decoder"] = ("train", 0)
+    g["curve"] = Node("PreviewImage", links={"images": ("train", 1)}, pos=(2400, 380), title="Loss curve")
+    return g
+
+
+WORKFLOWS["asuka_sd15_train_decoder"] = (sd15_train_decoder_graph, TRAIN_DECODER_NOTE)
+
+
 # --------------------------------------------------------------------------------------
 
 
@@ -452,6 +486,7 @@ TITLES = {
     "hd_painter_2k": "3. HD-Painter 2K, paint a prompt into a 2048 px photo",
     "asuka_sd15_inpaint": "4. ASUKA on SD1.5 (needs an aligner you trained)",
     "asuka_sd15_train_aligner": "5. Train an ASUKA aligner for SD1.5",
+    "asuka_sd15_train_decoder": "6. Train an ASUKA masked decoder for SD1.5",
 }
 
 

@@ -70,7 +70,7 @@ def test_cli_trains_a_decoder_that_the_sd15_example_decodes_with(host, comfy, co
 
     # The file, as it is, in the committed SD1.5 example workflow.
     os.symlink(decoder_file, os.path.join(host.models.folder, decoder_file.name))
-    with open(os.path.join(workflows.WORKFLOW_DIR, "asuka_sd15_inpaint.json")) as f:
+    with open(workflows.path("asuka_sd15_inpaint")) as f:
         prompt = workflows.to_api_prompt(json.load(f), comfy.object_info())
     size = 128
     picture, mask = make_picture(size, seed=14), box_mask(size)
@@ -110,28 +110,34 @@ def test_cli_refuses_bad_inputs_before_training(host, comfy_dir, tiny_checkpoint
         assert not (run_dir / "training_state.pt").exists()
 
 
-def test_train_decoder_node_from_the_vae_decodes_in_the_same_prompt(host, comfy, tiny_checkpoints, photos,
-                                                                    lpips_files):
+def test_train_decoder_example_trains_from_the_vae_and_decodes_in_the_same_prompt(host, comfy, tiny_checkpoints,
+                                                                                  photos, lpips_files):
+    """The committed decoder-training example, converted as the Queue button does, with the
+    tiny checkpoint, 2 steps at 64 px, started from the checkpoint's own VAE decoder (a new
+    condition branch) with LPIPS and the GAN on: the node trains under ComfyUI's inference
+    mode and its decoder decodes the SD1.5 graph's sample in the same prompt."""
+    with open(workflows.path("asuka_sd15_train_decoder")) as f:
+        prompt = workflows.to_api_prompt(json.load(f), comfy.object_info())
     picture, mask = make_picture(RES, seed=15), box_mask(RES)
     run_name = unique("decoder_node_run").replace("-", "_")
-    g = Graph()
-    ckpt = g.add("CheckpointLoaderSimple", _id="ckpt", ckpt_name=os.path.basename(tiny_checkpoints[9]))
-    train = g.add("ASUKA_TrainDecoder", _id="train", model=ckpt[0], vae=ckpt[2], start_decoder="vae",
-                  images_folder=_upload_photos(comfy, photos), lpips_weights=lpips_files[1],
-                  alexnet_weights=lpips_files[0], steps=2, batch_size=1, grad_accum=1, learning_rate=8e-5,
-                  l1_weight=1.0, lpips_weight=0.5, disc_start=1,
-                  latent_aug_prob=0.5, resolution=RES, precision="auto", run_name=run_name, resume=False, seed=0,
-                  save_to_models=False)
-    load = g.add("LoadImage", _id="img", image=comfy.upload_image(picture, mask))
-    enc = g.add("VAEEncode", _id="enc", pixels=load[0], vae=ckpt[2])
-    dec = g.add("ASUKA_MaskedDecode", _id="dec", decoder=train[0], samples=enc[0], image=load[0], mask=load[1],
-                composite=False, tile_size=0, tile_overlap=64)
-    g.add("SaveImage", _id="save", images=dec[0], filename_prefix=unique("node-decoder"))
-    g.add("SaveImage", _id="curve", images=train[1], filename_prefix=unique("decoder-curve"))
-    result = comfy.run(g.prompt(), timeout=900)
+    by_type = {node["class_type"]: node["inputs"] for node in prompt.values()}
+    by_type["CheckpointLoaderSimple"]["ckpt_name"] = os.path.basename(tiny_checkpoints[9])
+    by_type["LoadImage"]["image"] = comfy.upload_image(picture, mask)
+    by_type["ASUKA_MAELoader"]["mae_name"] = host.models.mae
+    by_type["ASUKA_AlignerLoader"]["aligner_name"] = host.models.sd15_aligner
+    by_type["KSampler"]["steps"] = 2
+    by_type["SaveImage"]["filename_prefix"] = unique("node-decoder")
+    train = by_type["ASUKA_TrainDecoder"]
+    assert train["start_decoder"] == "asymmetric-autoencoder-kl-x-1-5.safetensors" and train["resume"] is False
+    train.update(start_decoder="vae", images_folder=_upload_photos(comfy, photos), lpips_weights=lpips_files[1],
+                 alexnet_weights=lpips_files[0], steps=2, batch_size=1, grad_accum=1, lpips_weight=0.5,
+                 disc_start=1, resolution=RES, run_name=run_name, save_to_models=False)
+    result = comfy.run(prompt, timeout=900)
     assert result.ok, result.describe()
-    out = comfy.image(result, "save")
+    out = comfy.image(result, next(k for k, v in prompt.items() if v["class_type"] == "SaveImage"))
     assert out.shape == (RES, RES, 3)
+    keep = mask == 0
+    assert np.abs(out[keep].astype(int) - picture[keep].astype(int)).max() <= 1     # composite kept the rest
     run_dir = os.path.join(comfy.output_dir, "asuka_training", run_name)
     state = torch.load(os.path.join(run_dir, "training_state.pt"), weights_only=True)
     assert state["step"] == 2

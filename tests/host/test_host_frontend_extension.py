@@ -70,7 +70,8 @@ def test_previews_in_the_real_frontend(host, comfy, tmp_path):
     assert report["outlineShown"], report
     # the template list in the numbered order (FLUX first, training last), whatever the folder's order
     titles = [workflows.TITLES[k] for k in ("asuka_flux_fill", "hd_painter_sd15", "hd_painter_2k",
-                                            "asuka_sd15_inpaint", "asuka_sd15_train_aligner")]
+                                            "asuka_sd15_inpaint", "asuka_sd15_train_aligner",
+                                            "asuka_sd15_train_decoder")]
     assert [t for t in report["templates"] if t in titles] == titles, report["templates"]
 
     prior = np.asarray(Image.open(os.path.join(out_dir, "prior.png")).convert("RGB"))
