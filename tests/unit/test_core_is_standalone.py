@@ -13,7 +13,7 @@ import sys, torch
 import asuka_core
 from asuka_core import load_mae, load_aligner, load_decoder, checkpoint, convert, imaging, resize, tiling
 from asuka_core import poisson, super_resolution
-from asuka_core import hd_painter
+from asuka_core import hd_painter, scoped_weights
 banned = sorted(m for m in sys.modules
                 if m.split('.')[0] in {'comfy', 'comfy_api', 'folder_paths', 'nodes', 'diffusers', 'cv2', 'timm'})
 print(','.join(banned))

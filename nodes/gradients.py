@@ -1,0 +1,82 @@
+"""Backward passes through ComfyUI's loaded models (RASG and aligner training).
+
+Both need gradients through a frozen UNet that ComfyUI caches for every later prompt, so
+they must leave it exactly as they found it:
+
+* ``differentiable_unet`` gives a UNet frozen copies of its inference-mode weights for
+  the duration of one ``with`` block (``asuka_core.scoped_weights``) and puts its own
+  tensors back afterwards; the ModelPatcher's patches, backups and ``model_options`` are
+  never touched.
+* ``grad_attention`` is an ``optimized_attention_override``: only attention backends known
+  to have a backward pass run under it; any other (sage, sage3, flash, int8 and whatever a
+  later ComfyUI adds) is replaced by PyTorch's SDPA for that call.
+* ``refuse_streamed_weights`` stops before a pass whose weights the host streams through
+  shared buffers (DynamicVRAM): a tensor autograd saved there could be overwritten by the
+  next layer's weights before the backward pass reads it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from comfy.ldm.modules import attention as comfy_attention
+
+from ..asuka_core.errors import ModelStateError
+from ..asuka_core.scoped_weights import differentiable_weights
+
+# Attention kernels whose backward pass is PyTorch autograd itself (plain maths, SDPA) or
+# a documented backward (xformers' memory-efficient attention).
+AUTOGRAD_ATTENTION = frozenset({"attention_basic", "attention_pytorch", "attention_xformers"})
+
+
+def grad_attention(func, *args, **kwargs):
+    """``optimized_attention_override`` for passes that need gradients (chain it last)."""
+    if getattr(func, "__name__", "") in AUTOGRAD_ATTENTION:
+        return func(*args, **kwargs)
+    return comfy_attention.attention_pytorch(*args, **kwargs)
+
+
+def chain_attention_override(transformer_options: dict) -> dict:
+    """A copy of ``transformer_options`` whose attention override is ``grad_attention``,
+    after any override already there (another pack's patch keeps working; the kernel it
+    finally calls is one with a backward pass)."""
+    options = dict(transformer_options or {})
+    previous = options.get("optimized_attention_override")
+    if previous is None:
+        options["optimized_attention_override"] = grad_attention
+    else:
+        def chained(func, *args, **kwargs):
+            def safe(*a, **kw):
+                return grad_attention(func, *a, **kw)
+            safe.__name__ = getattr(func, "__name__", "attention")
+            return previous(safe, *args, **kwargs)
+        options["optimized_attention_override"] = chained
+    return options
+
+
+def _streams_weights(model_patcher) -> bool:
+    is_dynamic = getattr(model_patcher, "is_dynamic", None)
+    if callable(is_dynamic) and is_dynamic():
+        return True
+    unet = getattr(getattr(model_patcher, "model", None), "diffusion_model", None)
+    return unet is not None and any(hasattr(m, "_v") for m in unet.modules())      # DynamicVRAM's vbar
+
+
+def refuse_streamed_weights(model_patcher, where: str) -> None:
+    """ModelStateError when ComfyUI's DynamicVRAM holds this model (weights streamed on
+    demand, not resident)."""
+    if model_patcher is not None and _streams_weights(model_patcher):
+        raise ModelStateError(
+            f"{where}: this model is loaded with DynamicVRAM (ComfyUI's default on NVIDIA GPUs), which streams "
+            "its weights through shared buffers; a backward pass needs them to stay put until it has run. "
+            "Restart ComfyUI with --disable-dynamic-vram to use this node.")
+
+
+@contextlib.contextmanager
+def differentiable_unet(unet: torch.nn.Module, device: torch.device | None = None):
+    """Within the block, autograd can run through ``unet`` (a loaded model's
+    ``diffusion_model``; see ``asuka_core.scoped_weights``); on exit it holds its own
+    tensors again."""
+    with differentiable_weights(unet, device) as replaced:
+        yield replaced
