@@ -25,16 +25,24 @@ def differentiable_weights(module: torch.nn.Module, device: torch.device | None 
     """Within the block, every inference-mode parameter and buffer of ``module`` (only
     those on ``device``, when given: weights elsewhere are copied to the compute device
     per call by the host anyway) is replaced by a copy autograd can save
-    (``requires_grad=False``; a tied tensor gets one copy). Yields how many were replaced.
+    (``requires_grad=False``; a tied tensor gets one copy). Ordinary parameters that
+    require a gradient are frozen for the block (the model is frozen: gradients go to its
+    inputs only) and get their flag back on exit. Yields how many tensors were replaced.
     """
     swapped: list[tuple[dict, str, torch.Tensor]] = []
     copies: dict[int, torch.Tensor] = {}
+    frozen: list[torch.nn.Parameter] = []
     try:
         with torch.inference_mode(False):
             for owner in module.modules():
                 for store in (owner._parameters, owner._buffers):
                     for name, tensor in list(store.items()):
-                        if tensor is None or not tensor.is_inference():
+                        if tensor is None:
+                            continue
+                        if not tensor.is_inference():
+                            if tensor.requires_grad and tensor.is_leaf and all(tensor is not f for f in frozen):
+                                tensor.requires_grad_(False)
+                                frozen.append(tensor)
                             continue
                         if device is not None and tensor.device != torch.device(device):
                             continue
@@ -50,4 +58,6 @@ def differentiable_weights(module: torch.nn.Module, device: torch.device | None 
     finally:
         for store, name, tensor in reversed(swapped):
             store[name] = tensor
+        for tensor in frozen:
+            tensor.requires_grad_(True)
         copies.clear()

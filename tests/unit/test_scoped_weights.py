@@ -63,7 +63,13 @@ def test_only_tensors_on_the_given_device_and_only_inference_ones():
     with torch.inference_mode():
         net = torch.nn.Linear(2, 2)
     plain = torch.nn.Linear(2, 2)
+    plain.bias.requires_grad_(False)
     with differentiable_weights(net, device=torch.device("meta")) as n:
         assert n == 0 and net.weight.is_inference()
     with differentiable_weights(plain) as n:
         assert n == 0
+        assert not plain.weight.requires_grad                   # frozen for the block ...
+        x = torch.randn(3, 2, requires_grad=True)
+        plain(x).sum().backward()
+        assert plain.weight.grad is None and x.grad is not None
+    assert plain.weight.requires_grad and not plain.bias.requires_grad     # ... and given back its flags
