@@ -22,7 +22,7 @@ import contextlib
 import torch
 from comfy.ldm.modules import attention as comfy_attention
 
-from ..asuka_core.errors import ModelStateError
+from ..asuka_core.errors import GradientError, ModelStateError
 from ..asuka_core.scoped_weights import differentiable_weights
 
 # Attention kernels whose backward pass is PyTorch autograd itself (plain maths, SDPA) or
@@ -50,9 +50,21 @@ def chain_attention_override(transformer_options: dict) -> dict:
             def safe(*a, **kw):
                 return grad_attention(func, *a, **kw)
             safe.__name__ = getattr(func, "__name__", "attention")
-            return previous(safe, *args, **kwargs)
+            out = previous(safe, *args, **kwargs)
+            if _lost_gradient(args[:3], out):
+                raise GradientError(
+                    "A backward pass through the model is needed here, but another node's attention patch on it "
+                    f"({getattr(previous, '__qualname__', previous)!r}) runs an attention kernel without autograd, "
+                    "so the result would be wrong. Remove that patch from the model that goes into this node.")
+            return out
         options["optimized_attention_override"] = chained
     return options
+
+
+def _lost_gradient(inputs, out) -> bool:
+    """True when an attention call's q, k or v needed a gradient and its output has none."""
+    return (torch.is_grad_enabled() and isinstance(out, torch.Tensor) and not out.requires_grad
+            and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs))
 
 
 def _streams_weights(model_patcher) -> bool:
