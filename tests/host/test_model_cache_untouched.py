@@ -245,3 +245,58 @@ def test_dynamic_vram_models_are_refused_with_the_flag_to_use(comfy, pack, patch
     with pytest.raises(ValueError, match="--disable-dynamic-vram"):
         gradients.refuse_streamed_weights(dynamic, "Aligner training")
     gradients.refuse_streamed_weights(patcher, "Aligner training")        # a normal model passes
+
+
+# ---------------------------------------------------------------------------- training
+
+def _tiny_euler(comfy, model_patcher, context_dim: int, seed: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(1, 64, 64)
+    mask[:, 16:48, 8:40] = 1.0
+    extra = {"concat_latent_image": torch.randn(1, 4, 8, 8, generator=g), "concat_mask": mask}
+    positive = [[torch.randn(1, 77, context_dim, generator=g), dict(extra)]]
+    negative = [[torch.randn(1, 77, context_dim, generator=g), dict(extra)]]
+    noise = torch.randn(1, 4, 8, 8, generator=g)
+    with torch.inference_mode():
+        return comfy.sample.sample(model_patcher, noise, 3, 5.0, "euler", "normal", positive, negative,
+                                   torch.zeros(1, 4, 8, 8), denoise=1.0, disable_pbar=True, seed=seed)
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_training_leaves_the_cached_model_as_it_was(comfy, tmp_path, checkpointing):
+    """The glue's training session, as the training node runs it (make_trainable in
+    frozen_models ... release_trainable), on a UNet loaded under inference mode."""
+    from tests.fixtures import tiny_sd
+
+    glue = tiny_sd.pack_module("nodes.training_glue")
+    training = tiny_sd.pack_module("asuka_core.training")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    tiny_sd.write_synthetic_photos(str(photos))
+    with torch.inference_mode():                                   # as ComfyUI's executor loads models
+        mp = tiny_sd.tiny_inpaint_patcher(seed=4, context_dim=64)
+    vae = tiny_sd.tiny_vae()
+    plain_before = _tiny_euler(comfy, mp, 64)
+    before = model_state(mp)
+    try:
+        glue.make_trainable(mp, gradient_checkpointing=checkpointing)
+        unet = mp.model.diffusion_model
+        assert not any(p.is_inference() for p in unet.parameters())
+        assert bool([m for m in unet.modules() if "forward" in m.__dict__]) == checkpointing
+        models = training.FrozenModels(prior=tiny_sd.pooled_prior, encode=tiny_sd.direct_encoder(vae),
+                                       denoiser=glue.make_denoiser(mp), sigmas=mp.model.model_sampling.sigmas.float(),
+                                       latent_in=mp.model.process_latent_in)
+        cfg = training.TrainConfig(steps=2, batch_size=2, lr=3e-3, warmup=0, resolution=64, precision="fp32",
+                                   val_every=0, save_every=0, sample_every=0, log_every=0, p_steps=10)
+        train, val = training.image_sets(str(photos), 64, holdout=0.25)
+        trainer = training.AlignerTrainer(cfg, models, train, val, out_dir=str(tmp_path / "run"),
+                                          aligner=training.new_aligner(3, width=64, depth=1), log=lambda s: None)
+        start = [p.detach().clone() for p in trainer.aligner.parameters()]
+        with glue.training_mode():
+            for _ in range(2):
+                loss = trainer.train_step()
+        assert loss == loss and any(not torch.equal(a, p) for a, p in zip(start, trainer.aligner.parameters()))
+    finally:
+        glue.release_trainable(mp)
+    assert_same_state(before, model_state(mp))
+    assert torch.equal(_tiny_euler(comfy, mp, 64), plain_before), "a plain sampler gives other results after training"
