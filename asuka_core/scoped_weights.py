@@ -62,29 +62,3 @@ def differentiable_weights(module: torch.nn.Module, device: torch.device | None 
             tensor.requires_grad_(True)
         copies.clear()
 
-
-def _pack_stable(tensor: torch.Tensor):
-    if not tensor.requires_grad and tensor._base is not None and not isinstance(tensor, torch.nn.Parameter):
-        return tensor.clone()
-    return tensor
-
-
-def _unpack(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor
-
-
-@contextlib.contextmanager
-def stable_saved_views() -> Iterator[None]:
-    """Within the block, a tensor that autograd saves for the backward pass and that is a
-    constant view into another tensor's memory is saved as a copy.
-
-    A host that streams offloaded weights layer by layer may hand each layer a view into
-    one reused cast buffer; saved as a view, the weight is overwritten by the next layer's
-    before the backward pass reads it (autograd then stops with "modified by an inplace
-    operation", or, if the host writes the buffer behind autograd's back, computes a wrong
-    gradient).
-    Views that need a gradient (activations) and whole tensors (resident weights, fresh
-    casts) are saved as they are, so this costs nothing where no such view is saved.
-    """
-    with torch.autograd.graph.saved_tensors_hooks(_pack_stable, _unpack):
-        yield

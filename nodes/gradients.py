@@ -10,6 +10,9 @@ they must leave it exactly as they found it:
 * ``grad_attention`` is an ``optimized_attention_override``: only attention backends known
   to have a backward pass run under it; any other (sage, sage3, flash, int8 and whatever a
   later ComfyUI adds) is replaced by PyTorch's SDPA for that call.
+* ``saved_cast_buffers_copied``: a weight that ComfyUI casts into one of its reused
+  per-stream cast buffers (partial loading, ComfyUI 0.33+) is saved for the backward pass
+  as a copy, not as a view the next layer's weight overwrites.
 * ``refuse_streamed_weights`` stops before a pass whose weights the host streams through
   shared buffers (DynamicVRAM): a tensor autograd saved there could be overwritten by the
   next layer's weights before the backward pass reads it.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import comfy.model_management as mm
 from comfy.ldm.modules import attention as comfy_attention
 
 from ..asuka_core.errors import GradientError, ModelStateError
@@ -65,6 +69,34 @@ def _lost_gradient(inputs, out) -> bool:
     """True when an attention call's q, k or v needed a gradient and its output has none."""
     return (torch.is_grad_enabled() and isinstance(out, torch.Tensor) and not out.requires_grad
             and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs))
+
+
+def _cast_buffer_storages() -> set[int]:
+    buffers = getattr(mm, "STREAM_CAST_BUFFERS", None) or {}
+    return {b.untyped_storage().data_ptr() for b in list(buffers.values()) if isinstance(b, torch.Tensor)}
+
+
+def _pack_saved(tensor: torch.Tensor):
+    if not tensor.requires_grad and tensor.untyped_storage().data_ptr() in _cast_buffer_storages():
+        return tensor.clone()
+    # detached: a saved output that held itself would keep its autograd graph alive in a
+    # reference cycle that Python's garbage collector cannot see
+    return tensor.detach()
+
+
+def _unpack_saved(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+@contextlib.contextmanager
+def saved_cast_buffers_copied():
+    """Within the block, a tensor autograd saves that lives in one of ComfyUI's reused
+    cast buffers (where partly loaded weights are cast layer by layer) is saved as a
+    copy. Saved as it is, the next layer's weight would overwrite it before the backward
+    pass reads it. Costs nothing on hosts without such buffers (ComfyUI 0.3.x) or when
+    the model is fully loaded."""
+    with torch.autograd.graph.saved_tensors_hooks(_pack_saved, _unpack_saved):
+        yield
 
 
 def _streams_weights(model_patcher) -> bool:

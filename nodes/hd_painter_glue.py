@@ -25,7 +25,6 @@ import torch
 
 from ..asuka_core import hd_painter as hp
 from ..asuka_core.errors import GradientError, InputError, ModelStateError
-from ..asuka_core.scoped_weights import stable_saved_views
 from . import gradients
 
 STATE_KEY = "hd_painter_state"
@@ -365,7 +364,7 @@ def rasg_gradient(model, x, sigma, extra_args: dict, grad_options: dict, capture
             args["denoise_mask"] = args["denoise_mask"].clone()
         capture.start()
         try:
-            with stable_saved_views():
+            with gradients.saved_cast_buffers_copied():
                 denoised = model(x_g, sigma.clone(), **args)
             score = capture.score(mask, tokens)
             if check_interrupt is not None:

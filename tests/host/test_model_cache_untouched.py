@@ -300,3 +300,45 @@ def test_training_leaves_the_cached_model_as_it_was(comfy, tmp_path, checkpointi
         glue.release_trainable(mp)
     assert_same_state(before, model_state(mp))
     assert torch.equal(_tiny_euler(comfy, mp, 64), plain_before), "a plain sampler gives other results after training"
+
+
+def test_weights_in_a_reused_cast_buffer_are_saved_as_copies(comfy, pack):
+    """What ComfyUI 0.33 does with partly loaded weights on a GPU: each layer's weight is
+    cast into the same per-stream byte buffer (``STREAM_CAST_BUFFERS``) and viewed from
+    there, then overwritten by the next layer's. Without the hook the backward pass fails;
+    with it, the gradient is right and the copies are freed."""
+    import comfy.model_management as mm
+
+    nodes, _ = pack
+    gradients = importlib.import_module(nodes.__package__ + ".gradients")
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(4, 4, generator=g) for _ in range(3)]
+    buffer = torch.empty(64, dtype=torch.int8)
+
+    def streamed(x):
+        for w in weights:
+            view = buffer[:64].view(torch.float32).view(4, 4)
+            view.copy_(w)
+            x = torch.tanh(x @ view.T)
+        return x.sum()
+
+    def reference(x):
+        for w in weights:
+            x = torch.tanh(x @ w.T)
+        return x.sum()
+
+    x0 = torch.randn(2, 4, generator=g)
+    xr = x0.clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(reference(xr), xr)
+    with mock.patch.object(mm, "STREAM_CAST_BUFFERS", {None: buffer}, create=True):
+        xs = x0.clone().requires_grad_(True)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            torch.autograd.grad(streamed(xs), xs)
+        xg = x0.clone().requires_grad_(True)
+        with TensorMemory() as memory:
+            with gradients.saved_cast_buffers_copied():
+                loss = streamed(xg)
+            (got,) = torch.autograd.grad(loss, xg)
+            del loss
+    torch.testing.assert_close(got, want)
+    assert memory.peak >= 3 * 64 and memory.current <= 2 * got.numel() * 4
