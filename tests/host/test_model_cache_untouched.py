@@ -75,6 +75,8 @@ def test_rasg_leaves_the_cached_model_and_memory_as_they_were(comfy, pack, patch
     with TensorMemory() as memory:
         out = rasg(comfy, pack, patcher)
     assert torch.isfinite(out).all()
+    print(f"\n[host] RASG, 3 steps: UNet weights {weight_bytes(patcher) / 2**20:.1f} MiB; tensor memory made during "
+          f"the call: peak {memory.peak / 2**20:.1f} MiB, still alive after it {memory.current / 2**20:.2f} MiB")
     # the differentiable copies existed during the call, and were freed with it
     assert memory.peak >= weight_bytes(patcher)
     assert memory.current < 0.02 * weight_bytes(patcher), (memory.current, weight_bytes(patcher))
