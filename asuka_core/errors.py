@@ -10,7 +10,8 @@ import math
 
 
 class AsukaError(ValueError):
-    """Base class: a problem with the user's files or inputs, never a bug in the pack."""
+    """Base class: a problem with the user's files, inputs or settings, that the message says how to
+    fix; never a bug in the pack."""
 
 
 class CheckpointError(AsukaError):
@@ -33,3 +34,16 @@ def finite_number(name: str, value, *, minimum: float | None = None) -> float:
         raise InputError(f"{name} must be a finite number{bound}, got {number}.")
     return number
 
+
+
+class ModelStateError(AsukaError):
+    """A model is loaded or patched in a way the node cannot work with (for example weights
+    that the host streams on demand); the message names the setting to change."""
+
+
+class GradientError(AsukaError):
+    """A pass that needs gradients got none: something on the model runs without autograd."""
+
+
+class TrainingDivergedError(AsukaError, FloatingPointError):
+    """The training loss stopped being a finite number (usually: the learning rate is too high)."""

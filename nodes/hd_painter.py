@@ -1,5 +1,6 @@
 """HD-Painter nodes for SD1.5 inpainting: HDPainter_PromptTokens, HDPainter_PAIntA,
-HDPainter_RASGSampler. The maths and the UNet hooks live in ``asuka_core.hd_painter``."""
+HDPainter_RASGSampler. The maths lives in ``asuka_core.hd_painter``, the UNet hooks and
+the sampler plumbing in ``hd_painter_glue``."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ from dataclasses import dataclass
 import comfy.latent_formats
 import comfy.model_management as mm
 import comfy.samplers
-from comfy.ldm.modules import attention as comfy_attention
 from comfy_api.latest import io
 
 from ..asuka_core import hd_painter as hp
 from ..asuka_core.errors import InputError
+from . import hd_painter_glue as glue
 from .types import HD_PAINTER_CATEGORY
 
 CATEGORY = HD_PAINTER_CATEGORY
@@ -139,16 +140,8 @@ class PAIntA(io.ComfyNode):
                              "connect a MASK to the node's mask input, or load an SD1.5 inpainting checkpoint "
                              "and use InpaintModelConditioning.")
         patched = model.clone()
-        hp.PaintaPatch(tokens.positions, mask=_pixel_mask(mask), end_timestep=end_timestep).install(patched)
+        glue.PaintaPatch(tokens.positions, mask=_pixel_mask(mask), end_timestep=end_timestep).install(patched)
         return io.NodeOutput(patched)
-
-
-def _grad_attention(func, *args, **kwargs):
-    """Attention override for RASG's gradient pass: backends without a backward (sage,
-    flash) are replaced by PyTorch's SDPA; the others are kept."""
-    if getattr(func, "__name__", "") in ("attention_sage", "attention_flash"):
-        return comfy_attention.attention_pytorch(*args, **kwargs)
-    return func(*args, **kwargs)
 
 
 def _rasg_sampler_function(model, x, sigmas, extra_args=None, callback=None, disable=None, *, tokens, eta,
@@ -158,10 +151,9 @@ def _rasg_sampler_function(model, x, sigmas, extra_args=None, callback=None, dis
     if mask is None and base.model_config.unet_config.get("in_channels") != 9:
         raise InputError("HD-Painter RASG Sampler: no mask. Use an SD1.5 inpainting model with "
                          "InpaintModelConditioning, or connect a MASK to the sampler's mask input.")
-    return hp.sample_rasg(
-        model, x, sigmas, extra_args, callback, disable, tokens=tokens, eta=eta, sigma_mode=sigma_mode,
-        mask=mask, sigma_table=base.model_sampling.sigmas, unet=base.diffusion_model,
-        attention_override=_grad_attention, check_interrupt=mm.throw_exception_if_processing_interrupted)
+    return glue.rasg_sampler(model, x, sigmas, extra_args, callback, disable, tokens=tokens, eta=eta,
+                             sigma_mode=sigma_mode, mask=mask,
+                             check_interrupt=mm.throw_exception_if_processing_interrupted)
 
 
 class RASGSampler(io.ComfyNode):

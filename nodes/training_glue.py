@@ -4,9 +4,10 @@ into the callables ``asuka_core.training`` needs. Used by the training node and 
 
 * ComfyUI runs every prompt under ``torch.inference_mode()``; weights a loader created
   there are inference tensors, which autograd cannot save for backward even with the
-  mode switched off. ``make_trainable`` replaces each such parameter by a normal copy
-  (same values, ``requires_grad=False``) once; the UNet stays frozen, only gradients
-  with respect to its *input context* flow.
+  mode switched off. ``trainable`` (or ``make_trainable`` ... ``release_trainable``)
+  gives the UNet normal frozen copies (same values, ``requires_grad=False``) for the run
+  only, and puts ComfyUI's own tensors back afterwards: the cached model is left as it
+  was found. Only gradients with respect to the UNet's *input context* flow.
 * The denoiser is ``BaseModel.apply_model`` with the concat conditioning built by
   ``BaseModel.extra_conds`` (the same path as InpaintModelConditioning + KSampler:
   ``process_latent_in`` on the masked-image latent, bilinear + rounded mask), and the
@@ -24,9 +25,9 @@ import torch
 import torch.utils.checkpoint
 
 import comfy.model_management as mm
-import comfy.utils
 
 from ..asuka_core.errors import CheckpointError
+from . import gradients
 
 log = logging.getLogger("comfyui-asuka")
 
@@ -66,41 +67,68 @@ def _checkpointed(forward):
     return run
 
 
-def make_trainable(model_patcher, *, gradient_checkpointing: bool = True, memory_required: int = 0) -> None:
-    """Load MODEL fully on its device, freeze it and make gradients flow through it
-    (see the module docstring). With ``gradient_checkpointing`` every block of the UNet
-    (each entry of input_blocks, middle_block, output_blocks) recomputes its activations
-    in the backward pass instead of storing them (≈30 % slower, far less memory)."""
+@contextlib.contextmanager
+def _checkpointed_blocks(unet, enabled: bool):
+    """Within the block, every block of the UNet (each entry of input_blocks, middle_block,
+    output_blocks) recomputes its activations in the backward pass instead of storing them
+    (about 30 % slower, far less memory). On exit each block's own ``forward`` is back:
+    an instance attribute that was there before is restored, one added here is removed."""
+    changed = []
+    try:
+        if enabled:
+            blocks = [*getattr(unet, "input_blocks", []), getattr(unet, "middle_block", None),
+                      *getattr(unet, "output_blocks", [])]
+            for block in blocks:
+                if block is None:
+                    continue
+                had = "forward" in block.__dict__
+                changed.append((block, had, block.__dict__.get("forward")))
+                block.forward = _checkpointed(block.forward)
+        yield
+    finally:
+        for block, had, own in reversed(changed):
+            if had:
+                block.forward = own
+            else:
+                del block.forward
+
+
+@contextlib.contextmanager
+def trainable(model_patcher, *, gradient_checkpointing: bool = True, memory_required: int = 0):
+    """Within the block, gradients flow through MODEL's frozen UNet to its input context:
+    the model is loaded fully on its device, its inference-mode weights are replaced by
+    frozen copies (``gradients.differentiable_unet``) and, with ``gradient_checkpointing``,
+    its blocks recompute activations in the backward pass. On exit the UNet holds its own
+    weights and ``forward`` methods again; the ModelPatcher is never changed."""
+    gradients.refuse_streamed_weights(model_patcher, "Aligner training")
     mm.load_models_gpu([model_patcher], memory_required=memory_required, force_full_load=True)
     unet = model_patcher.model.diffusion_model
-    with torch.inference_mode(False):
-        replaced = 0
-        for name, p in list(unet.named_parameters()):
-            if p.is_inference():
-                comfy.utils.set_attr_param(unet, name, p.detach().clone())
-                replaced += 1
-        for name, b in list(unet.named_buffers()):
-            if b.is_inference():
-                comfy.utils.set_attr(unet, name, b.detach().clone())
-    unet.requires_grad_(False)
-    if gradient_checkpointing:
-        blocks = [*getattr(unet, "input_blocks", []), getattr(unet, "middle_block", None),
-                  *getattr(unet, "output_blocks", [])]
-        for block in blocks:
-            if block is not None and not getattr(block, "_asuka_checkpointed", False):
-                block.forward = _checkpointed(block.forward)
-                block._asuka_checkpointed = True
-    if replaced:
-        log.info("aligner training: %d UNet tensors copied out of inference mode", replaced)
+    with gradients.differentiable_unet(unet) as replaced, _checkpointed_blocks(unet, gradient_checkpointing):
+        if replaced:
+            log.info("aligner training: %d UNet tensors copied out of inference mode for this run", replaced)
+        yield
+
+
+_SESSIONS: dict[int, contextlib.ExitStack] = {}
+
+
+def make_trainable(model_patcher, *, gradient_checkpointing: bool = True, memory_required: int = 0) -> None:
+    """``trainable`` entered until ``release_trainable(model_patcher)`` (for callers that cannot
+    hold a ``with`` block across their run: the node, ``scripts/train_aligner.py``)."""
+    key = id(model_patcher.model)
+    if key in _SESSIONS:
+        return
+    stack = contextlib.ExitStack()
+    stack.enter_context(trainable(model_patcher, gradient_checkpointing=gradient_checkpointing,
+                                  memory_required=memory_required))
+    _SESSIONS[key] = stack
 
 
 def release_trainable(model_patcher) -> None:
-    """Undo the gradient-checkpointing wrappers (the copied weights stay: same values)."""
-    unet = model_patcher.model.diffusion_model
-    for block in unet.modules():
-        if getattr(block, "_asuka_checkpointed", False):
-            del block.forward
-            del block._asuka_checkpointed
+    """Leave ``make_trainable``: the UNet's own weights and ``forward`` methods are back."""
+    stack = _SESSIONS.pop(id(model_patcher.model), None)
+    if stack is not None:
+        stack.close()
 
 
 def make_denoiser(model_patcher):
@@ -112,7 +140,8 @@ def make_denoiser(model_patcher):
         device = x.device
         c_concat = bm.extra_conds(noise=x, device=device, concat_latent_image=masked_latent.to(device),
                                   concat_mask=mask.to(device))["c_concat"].cond
-        denoised = bm.apply_model(x, sigma, c_concat=c_concat, c_crossattn=context, transformer_options={})
+        denoised = bm.apply_model(x, sigma, c_concat=c_concat, c_crossattn=context,
+                                  transformer_options=gradients.chain_attention_override({}))
         return (x - denoised) / sigma.view(-1, 1, 1, 1).to(denoised.dtype)
 
     return denoiser

@@ -40,7 +40,7 @@ from torch import nn
 
 from .. import checkpoint as ckpt_mod
 from ..decoder import KIND_AVQ, MaskedDecoder, load_decoder
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError, InputError, TrainingDivergedError
 from ..imaging import image_to_model, model_to_image
 from ..masks import MaskGenerator
 from ..runtime import Progress, report
@@ -434,7 +434,7 @@ class DecoderTrainer:
                 loss = nll + weight * cfg.disc_factor * g_loss
                 self.disc.requires_grad_(True)
             if not torch.isfinite(loss):
-                raise FloatingPointError(
+                raise TrainingDivergedError(
                     f"The loss became {loss.item()} at step {self.step}: lower the learning rate ({cfg.lr}) and "
                     "resume from the last saved state.")
             scaled = loss / cfg.grad_accum

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..aligner import MAE_WIDTH, TARGET_FLUX_CLIP, TARGET_SD15, TARGET_WIDTHS, Aligner, load_aligner, save_aligner
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError, InputError, TrainingDivergedError
 from ..mae import preprocess
 from ..masks import MaskGenerator
 from ..runtime import Progress, report
@@ -329,9 +329,11 @@ class AlignerTrainer:
             with torch.no_grad():
                 out = self._loss(self.aligner, image, mask, mask, torch.zeros(1, dtype=torch.long),
                                  noise=torch.zeros_like(z0))
-        except (InputError, CheckpointError):
-            raise
-        except Exception as e:
+        except RuntimeError as e:
+            # Only a shape mismatch between the aligner's tokens and the UNet is the user's
+            # files; anything else is raised as it is.
+            if not any(w in str(e) for w in ("shape", "size of tensor", "mat1 and mat2")):
+                raise
             raise CheckpointError(
                 f"The inpainting model failed on a test batch ({type(e).__name__}: {e}). It must be an SD1.5 "
                 "inpainting UNet (9 input channels, 768-wide cross-attention).") from e
@@ -358,7 +360,7 @@ class AlignerTrainer:
             with distributed.no_sync(module, skip=not last):
                 loss = self._loss(module, mb["images"], mb["masks"], prior_masks, mb["t"], noise=mb["noise"])
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(
+                    raise TrainingDivergedError(
                         f"The loss became {loss.item()} at step {self.step}: the learning rate ({cfg.lr}) is "
                         "probably too high. Resume from the last saved state with a lower one.")
                 scaled = loss / cfg.grad_accum

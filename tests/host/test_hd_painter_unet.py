@@ -59,6 +59,13 @@ def pack(comfy):
     return importlib.import_module(name + ".nodes.hd_painter"), importlib.import_module(name + ".asuka_core.hd_painter")
 
 
+@pytest.fixture(scope="module")
+def glue(pack):
+    """The ComfyUI plumbing of HD-Painter and the gradient helpers."""
+    name = "comfyui_asuka_under_test"
+    return importlib.import_module(name + ".nodes.hd_painter_glue"), importlib.import_module(name + ".nodes.gradients")
+
+
 def tiny_unet_config() -> dict:
     return {
         "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
@@ -257,55 +264,58 @@ def test_painta_changes_only_hole_rows_at_the_patched_levels_while_active(comfy,
 
 # ---------------------------------------------------------------------------- RASG
 
-def _probe_gradient(core, store, h=1e-5, directions=3):
+def _probe_gradient(glue, store, h=1e-5, directions=3):
+    hd_glue, gradients = glue
+
     def probe(model, x, sigmas, extra_args, callback, disable):
-        with torch.inference_mode(False):
-            core.make_parameters_differentiable(model.inner_model.inner_model.diffusion_model)
-        options, capture = core.rasg_options(extra_args["model_options"])
-        sigma = sigmas[0] * x.new_ones([x.shape[0]])
-        x = x.double()                     # the sampler state is fp32; fp64 for finite differences
-        denoised, grad, score = core.rasg_gradient(model, x, sigma, extra_args, options, capture, TOKENS)
-        store.update(grad=grad, score=score, x=x, denoised=denoised)
         unet = model.inner_model.inner_model.diffusion_model
-        store["weight_grads"] = [p for p in unet.parameters() if p.requires_grad or p.grad is not None]
-
-        def score_at(xx):
-            args = dict(extra_args, model_options=options)
-            capture.start()
-            model(xx, sigma, **args)
-            value = capture.score(None, TOKENS)
-            capture.start()
-            return float(value)
-
-        g = torch.Generator().manual_seed(3)
-        fd = []
-        for _ in range(directions):
-            v = torch.randn(x.shape, generator=g, dtype=x.dtype)
-            v = v / v.norm()
-            fd.append(((score_at(x + h * v) - score_at(x - h * v)) / (2 * h), float((grad * v).sum())))
-        store["fd"] = fd
-        return x
+        with gradients.differentiable_unet(unet):
+            return _probe_inside(hd_glue, model, x, sigmas, extra_args, unet, store, h, directions)
     return probe
 
 
-def test_rasg_gradient_matches_finite_differences_and_skips_weight_grads(comfy, pack, patcher):
-    _, core = pack
+def _probe_inside(core, model, x, sigmas, extra_args, unet, store, h, directions):
+    options, capture = core.rasg_options(extra_args["model_options"])
+    sigma = sigmas[0] * x.new_ones([x.shape[0]])
+    x = x.double()                     # the sampler state is fp32; fp64 for finite differences
+    denoised, grad, score = core.rasg_gradient(model, x, sigma, extra_args, options, capture, TOKENS)
+    store.update(grad=grad, score=score, x=x, denoised=denoised)
+    store["weight_grads"] = [p for p in unet.parameters() if p.requires_grad or p.grad is not None]
+
+    def score_at(xx):
+        args = dict(extra_args, model_options=options)
+        capture.start()
+        model(xx, sigma, **args)
+        value = capture.score(None, TOKENS)
+        capture.start()
+        return float(value)
+
+    g = torch.Generator().manual_seed(3)
+    fd = []
+    for _ in range(directions):
+        v = torch.randn(x.shape, generator=g, dtype=x.dtype)
+        v = v / v.norm()
+        fd.append(((score_at(x + h * v) - score_at(x - h * v)) / (2 * h), float((grad * v).sum())))
+    store["fd"] = fd
+    return x
+
+
+def test_rasg_gradient_matches_finite_differences_and_skips_weight_grads(comfy, glue, patcher):
     store = {}
-    run_probe(comfy, patcher, _probe_gradient(core, store))
+    run_probe(comfy, patcher, _probe_gradient(glue, store))
     assert float(store["grad"].abs().max()) > 0
     for fd, analytic in store["fd"]:
         assert fd == pytest.approx(analytic, rel=1e-5, abs=1e-10), store["fd"]
     assert store["weight_grads"] == [], "RASG must not compute weight gradients"
 
 
-def test_rasg_gradient_same_for_split_and_joint_batches_and_per_sample(comfy, pack, patcher):
-    _, core = pack
+def test_rasg_gradient_same_for_split_and_joint_batches_and_per_sample(comfy, glue, patcher):
     joint, split, batch = {}, {}, {}
-    run_probe(comfy, patcher, _probe_gradient(core, joint, directions=0), seed=1)
-    run_probe(comfy, patcher, _probe_gradient(core, split, directions=0), seed=1, split=True)
+    run_probe(comfy, patcher, _probe_gradient(glue, joint, directions=0), seed=1)
+    run_probe(comfy, patcher, _probe_gradient(glue, split, directions=0), seed=1, split=True)
     torch.testing.assert_close(split["grad"], joint["grad"], rtol=1e-9, atol=1e-12)
     # batch of 2: sample 0 gets the same noise as the single run above (same seed, first rows)
-    run_probe(comfy, patcher, _probe_gradient(core, batch, directions=0), seed=1, batch=2)
+    run_probe(comfy, patcher, _probe_gradient(glue, batch, directions=0), seed=1, batch=2)
     single_x = joint["x"][0]
     assert torch.equal(batch["x"][0], single_x)
     torch.testing.assert_close(batch["grad"][:1], joint["grad"], rtol=1e-9, atol=1e-12)

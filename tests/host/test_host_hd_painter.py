@@ -126,3 +126,92 @@ def test_bad_inputs_give_clear_errors_and_the_server_recovers(host, comfy, input
     prompt, _ = example_prompt(host, comfy, inputs["image"], steps=1)
     res = comfy.run(prompt, timeout=600)
     assert res.ok, res.describe()
+
+
+# ---------------------------------------------------------------------------- ComfyUI's model cache
+
+def plain_prompt(host, comfy, image: str, *, lora: str | None = None, seed: int = 5) -> dict:
+    """The example graph without HD-Painter: the checkpoint's MODEL (optionally through
+    the core LoraLoaderModelOnly) and Euler in SamplerCustom."""
+    prompt, _ = example_prompt(host, comfy, image, seed=seed)
+    painta, rasg = node_id(prompt, "HDPainter_PAIntA"), node_id(prompt, "HDPainter_RASGSampler")
+    model = prompt[painta]["inputs"]["model"]
+    if lora:
+        prompt["lora"] = {"class_type": "LoraLoaderModelOnly",
+                          "inputs": {"model": model, "lora_name": lora, "strength_model": 1.0}}
+        model = ["lora", 0]
+    for node in prompt.values():
+        for key, value in node["inputs"].items():
+            if value == [painta, 0]:
+                node["inputs"][key] = model
+    prompt["euler"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+    prompt[node_id(prompt, "SamplerCustom")]["inputs"]["sampler"] = ["euler", 0]
+    del prompt[painta], prompt[rasg]
+    return prompt
+
+
+def with_lora(prompt: dict, lora: str) -> dict:
+    """The HD-Painter example with the LoRA between the checkpoint and PAIntA."""
+    painta = node_id(prompt, "HDPainter_PAIntA")
+    prompt["lora"] = {"class_type": "LoraLoaderModelOnly",
+                      "inputs": {"model": prompt[painta]["inputs"]["model"], "lora_name": lora,
+                                 "strength_model": 1.0}}
+    prompt[painta]["inputs"]["model"] = ["lora", 0]
+    return prompt
+
+
+@pytest.fixture(scope="module")
+def test_lora(host_server, comfy_dir, sd15_checkpoint):
+    """A random LoRA (kohya names) on every cross-attention k/v projection of the test
+    checkpoint, in the host's models/loras folder."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(21)
+    lora = {}
+    with safe_open(sd15_checkpoint, "pt") as f:
+        for key in f.keys():
+            if key.startswith("model.diffusion_model.") and key.endswith((".attn2.to_k.weight", ".attn2.to_v.weight")):
+                out_f, in_f = f.get_slice(key).get_shape()
+                name = "lora_unet_" + key[len("model.diffusion_model."):-len(".weight")].replace(".", "_")
+                lora[f"{name}.lora_up.weight"] = torch.randn(out_f, 4, generator=g) * 0.05
+                lora[f"{name}.lora_down.weight"] = torch.randn(4, in_f, generator=g) * 0.05
+                lora[f"{name}.alpha"] = torch.tensor(4.0)
+    assert len(lora) == 3 * 2 * 16
+    folder = os.path.join(comfy_dir, "models", "loras")
+    os.makedirs(folder, exist_ok=True)
+    name = "asuka-host-test-lora.safetensors"
+    save_file(lora, os.path.join(folder, name))
+    return name
+
+
+def test_a_plain_prompt_gives_the_same_pixels_before_and_after_rasg_and_with_a_lora(host, comfy, inputs, test_lora):
+    """ComfyUI keeps the loaded checkpoint for later prompts: RASG (a backward pass through
+    that UNet) must leave it exactly as it was, with and without a LoRA."""
+    runs = {}
+
+    def run(tag, prompt):
+        result = comfy.run(prompt, timeout=900)
+        assert result.ok, f"{tag}: {result.describe()}"
+        runs[tag] = result
+        return comfy.image(result, node_id(prompt, "SaveImage"))
+
+    before = run("plain before", plain_prompt(host, comfy, inputs["image"]))
+    lora_before = run("lora before", plain_prompt(host, comfy, inputs["image"], lora=test_lora))
+    run("rasg", example_prompt(host, comfy, inputs["image"])[0])
+    lora_rasg_prompt = with_lora(example_prompt(host, comfy, inputs["image"])[0], test_lora)
+    run("lora + rasg", lora_rasg_prompt)
+    after = run("plain after", plain_prompt(host, comfy, inputs["image"]))
+    lora_after = run("lora after", plain_prompt(host, comfy, inputs["image"], lora=test_lora))
+    for tag in ("plain after", "lora after"):
+        cached = runs[tag].cached_nodes
+        assert node_id(plain_prompt(host, comfy, inputs["image"]), "SamplerCustom") not in cached, \
+            f"{tag}: the sampler did not run again"
+        assert node_id(plain_prompt(host, comfy, inputs["image"]), "CheckpointLoaderSimple") in cached, \
+            f"{tag}: the checkpoint was loaded again, so the cached model was not tested"
+    assert np.array_equal(before, after), "a plain prompt gives other pixels after RASG"
+    assert np.array_equal(lora_before, lora_after), "a LoRA prompt gives other pixels after LoRA + RASG"
+    assert not np.array_equal(before, lora_before), "the LoRA had no effect"
+    print("\n[host] plain / LoRA prompts identical before and after RASG and LoRA + RASG; "
+          + ", ".join(f"{k} {r.seconds:.1f}s" for k, r in runs.items()))

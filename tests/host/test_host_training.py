@@ -203,3 +203,52 @@ def test_cancel_stops_training_and_keeps_a_resumable_state(host, comfy, tiny_che
     assert stopped_after < 60, f"took {stopped_after:.1f}s to stop after /interrupt"
     state = torch.load(os.path.join(run_dir, "training_state.pt"), weights_only=True)
     assert 1 <= state["step"] < 100_000
+
+
+def _training_example(comfy, host, tiny_checkpoints, photos, picture, mask) -> dict:
+    with open(os.path.join(workflows.WORKFLOW_DIR, "asuka_sd15_train_aligner.json")) as f:
+        prompt = workflows.to_api_prompt(json.load(f), comfy.object_info())
+    by_type = {node["class_type"]: node["inputs"] for node in prompt.values()}
+    by_type["CheckpointLoaderSimple"]["ckpt_name"] = os.path.basename(tiny_checkpoints[9])
+    by_type["LoadImage"]["image"] = comfy.upload_image(picture, mask, name="train-cache.png")
+    by_type["ASUKA_MAELoader"]["mae_name"] = host.models.mae
+    by_type["ASUKA_DecoderLoader"]["decoder_name"] = host.models.avq_decoder
+    by_type["KSampler"]["steps"] = 2
+    by_type["SaveImage"]["filename_prefix"] = unique("train-cache")
+    by_type["ASUKA_TrainAligner"].update(images_folder=_upload_photos(comfy, photos), steps=2, batch_size=1,
+                                         resolution=RES, run_name=unique("cache_run").replace("-", "_"),
+                                         save_to_models=False)
+    return prompt
+
+
+def test_a_plain_prompt_gives_the_same_pixels_before_and_after_the_training_node(host, comfy, tiny_checkpoints,
+                                                                                 photos):
+    """ComfyUI keeps the loaded checkpoint for later prompts: the training node (a backward
+    pass through that UNet) must leave it as it was. The plain prompt is the training
+    example with the test aligner file in place of the training node."""
+    picture, mask = make_picture(RES, seed=17), box_mask(RES)
+    train = _training_example(comfy, host, tiny_checkpoints, photos, picture, mask)
+    trainer = next(k for k, v in train.items() if v["class_type"] == "ASUKA_TrainAligner")
+    plain = json.loads(json.dumps(train))
+    plain["loaded_aligner"] = {"class_type": "ASUKA_AlignerLoader", "inputs": {"aligner_name": host.models.sd15_aligner}}
+    for node_key, node in list(plain.items()):
+        if any(v == [trainer, 1] for v in node["inputs"].values()):
+            del plain[node_key]                                 # the loss-curve preview
+        for key, value in node["inputs"].items():
+            if value == [trainer, 0]:
+                node["inputs"][key] = ["loaded_aligner", 0]
+    del plain[trainer]
+    save = next(k for k, v in plain.items() if v["class_type"] == "SaveImage")
+    loader = next(k for k, v in plain.items() if v["class_type"] == "CheckpointLoaderSimple")
+    sampler = next(k for k, v in plain.items() if v["class_type"] == "KSampler")
+    before = comfy.run(plain, timeout=600)
+    assert before.ok, before.describe()
+    trained = comfy.run(train, timeout=600)
+    assert trained.ok, trained.describe()
+    plain[save]["inputs"]["filename_prefix"] = unique("train-cache-after")
+    after = comfy.run(plain, timeout=600)
+    assert after.ok, after.describe()
+    assert sampler not in after.cached_nodes, "the sampler did not run again"
+    assert loader in after.cached_nodes, "the checkpoint was loaded again, so the cached model was not tested"
+    assert np.array_equal(comfy.image(before, save), comfy.image(after, save)), \
+        "a plain prompt gives other pixels after the training node"

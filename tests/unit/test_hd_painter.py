@@ -100,6 +100,56 @@ def test_painta_rescale_matches_loops_and_official_matrix_form(float_mask):
     torch.testing.assert_close(got[..., ~hole_b, :], scores[..., ~hole_b, :])
 
 
+def test_painta_rescale_of_some_query_rows_is_those_rows_of_the_full_matrix():
+    n = 10
+    g = torch.Generator().manual_seed(5)
+    scores = torch.randn(4, n, n, generator=g, dtype=torch.float64)
+    c = torch.rand(n, generator=g, dtype=torch.float64)
+    hole = torch.tensor([1, 1, 0, 0, 1, 0, 0, 0, 1, 0], dtype=torch.bool)
+    full = hp.painta_rescale(scores, c, hole)
+    for rows in (hole.nonzero()[:, 0], torch.tensor([2, 0, 9, 4])):
+        torch.testing.assert_close(hp.painta_rescale(scores[:, rows], c, hole, rows), full[:, rows], rtol=0, atol=0)
+
+
+def test_painta_hole_attention_is_the_hole_rows_of_full_painta_attention():
+    """Oracle: softmax(A * C) V with the full n x n C, written out per head."""
+    n, heads, d = 12, 2, 3
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(n, heads * d, generator=g, dtype=torch.float64) for _ in range(3))
+    c = torch.rand(n, generator=g, dtype=torch.float64)
+    hole = torch.zeros(n, dtype=torch.bool)
+    hole[[1, 2, 7]] = True
+    C = torch.ones(n, n, dtype=torch.float64)
+    C[hole[:, None] & ~hole[None, :]] = c.expand(n, n)[hole[:, None] & ~hole[None, :]]
+    want = []
+    for hd in range(heads):
+        qh, kh, vh = (t[:, hd * d:(hd + 1) * d] for t in (q, k, v))
+        want.append(((qh @ kh.T / math.sqrt(d)) * C).softmax(-1) @ vh)
+    want = torch.cat(want, dim=1)
+    rows, out = hp.painta_hole_attention(q, k, v, c, hole, heads)
+    assert rows.tolist() == [1, 2, 7]
+    torch.testing.assert_close(out, want[rows], rtol=1e-12, atol=1e-12)
+    assert hp.painta_hole_attention(q, k, v, c, torch.zeros(n, dtype=torch.bool), heads) is None
+    assert hp.painta_hole_attention(q, k, v, c, torch.ones(n, dtype=torch.bool), heads) is None
+
+
+def test_sample_rasg_loop_with_a_known_denoiser():
+    """The loop against the steps written out: D = 0.5 x, gradient = x."""
+    sigmas = torch.tensor([10.0, 5.0, 2.0, 0.0], dtype=torch.float64)
+    table = torch.from_numpy(_official_sigmas()[1])
+    x0 = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    seen = []
+    got = hp.sample_rasg(lambda x, s: 0.5 * x, lambda x, s: (0.5 * x, x), x0.clone(), sigmas, eta=0.1,
+                         sigma_table=table, callback=lambda d: seen.append(d["i"]))
+    x = x0.clone()
+    for i in range(2):
+        s, sn = float(sigmas[i]), float(sigmas[i + 1])
+        u = hp.rasg_noise_scale(s, sn, 0.1, "official_code", table)
+        x = hp.rasg_update(x, 0.5 * x, s, sn, u, hp.normalise_gradient(x))
+    torch.testing.assert_close(got, 0.5 * x, rtol=0, atol=0)
+    assert seen == [0, 1, 2]
+
+
 # ---------------------------------------------------------------------------- RASG score
 
 def test_rasg_score_matches_numpy_bce_and_is_differentiable():
