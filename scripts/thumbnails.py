@@ -37,7 +37,7 @@ STEPS = {
         "a folder of your photos", "frozen SD1.5 inpainting model + MAE", "Train ASUKA Aligner (GPU, hours)",
         "aligner saved to models/asuka", "then: ASUKA on SD1.5"]),
     "asuka_sd15_train_decoder": ("Train an SD1.5 masked decoder", workflows.ASUKA_IMAGE, [
-        "a folder of your photos", "colour + latent augmentation", "Train ASUKA Masked Decoder (GPU, hours)",
+        "a folder of your photos", "colour + latent augmentation", "Train Masked Decoder (GPU, hours)",
         "decoder saved to models/asuka", "then: ASUKA on SD1.5"]),
 }
 
