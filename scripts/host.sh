@@ -63,7 +63,8 @@ pip_install() {
   for f in "$@"; do args+=(-r "$f"); done
   "$vpy" -m pip install --progress-bar off "${args[@]}" 2>&1 | awk -v total="$total" '
     /is ignored: it is neither a file nor a directory/ { next }
-    /^Collecting / { n++; printf "[host]   %d/%d %s\n", n, total, $2; fflush(); next }
+    /^Collecting / { n++; if (n <= total) printf "[host]   %d/%d %s\n", n, total, $2
+                     else printf "[host]   + %s (to build a package)\n", $2; fflush(); next }
     /^Processing .*\.whl/ { n++; sub(/.*\//, "", $2); printf "[host]   %d/%d %s\n", n, total, $2; fflush(); next }
     /^Installing collected packages/ { print "[host]   installing " total " packages into the venv..."; fflush(); next }
     /^Successfully installed/ { print "[host]   done"; fflush(); next }
