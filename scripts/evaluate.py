@@ -15,7 +15,8 @@ passes its own ComfyUI tree) for the run; with it, any running server is used (a
 with your models). Several ``--server`` options spread the pairs over the servers
 (``dispatch``): a pair that fails on one is retried on another, a server that stops
 answering drops out, and the report is the same as from one server.
-``--protocol misato``: the official MISATO evaluation's definitions (docs/evaluation.md).
+``--protocol misato``: the official MISATO evaluation's definitions (docs/evaluation.md),
+with its CLIP score from ``--clip-weights DIR`` (a local transformers CLIP model folder).
 
 The report folder (``--out``, default ``eval-report``) gets:
 
@@ -475,7 +476,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="mask generator seed (default 0)")
     p.add_argument("--protocol", choices=("project", "misato"), default="project",
                    help="metric definitions: the project's (default), or the official MISATO evaluation's "
-                        "(grey masks as given, soft Grad, IDS after PCA to the image size, 3-decimal summary)")
+                        "(grey masks as given, soft Grad, IDS after PCA to the image size, CLIP score with "
+                        "--clip-weights, 3-decimal summary)")
     p.add_argument("--size", type=int, default=None,
                    help="centre-crop and resize images to SIZE² (default 512, or 0 under --protocol misato; "
                         "0: keep, cropped to multiples of 8)")
@@ -597,7 +599,8 @@ def run(args: argparse.Namespace) -> int:
     notes = []
     if misato:
         notes.append("Protocol: MISATO (the official evaluation's definitions: masks as given, Grad blended by "
-                     "the grey mask, IDS after PCA to the image size, every number rounded to 3 decimals).")
+                     "the grey mask, IDS after PCA to the image size, CLIP score of the hole, every number rounded "
+                     "to 3 decimals).")
     if args.lpips_weights or args.alexnet_weights or args.inception_weights or args.clip_weights:
         from evaluate_learned import LearnedMetrics
         learned = LearnedMetrics(lpips=args.lpips_weights, alexnet=args.alexnet_weights,
