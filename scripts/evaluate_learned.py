@@ -145,8 +145,7 @@ class ClipImageFeatures:
         try:
             config = _clip_vision_config(folder)
             net, info = CLIPVisionModelWithProjection.from_pretrained(
-                folder, config=config, local_files_only=True, use_safetensors=True, dtype=torch.float32,
-                output_loading_info=True)
+                folder, config=config, local_files_only=True, use_safetensors=True, output_loading_info=True)
         except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
             raise InputError(f"{bad}: {str(e)[:300]}") from None
         # transformers initialises whatever the file lacks or shapes differently: refuse that
@@ -154,7 +153,7 @@ class ClipImageFeatures:
         if missing:
             raise InputError(f"{bad}: the file lacks or misshapes {', '.join(missing[:5])}"
                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else "") + ".")
-        self.net = net.eval()
+        self.net = net.float().eval()          # whatever dtype the file holds (one call on every version)
         self.size = int(net.config.image_size)
         self.batch = batch
 
