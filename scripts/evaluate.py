@@ -15,7 +15,8 @@ passes its own ComfyUI tree) for the run; with it, any running server is used (a
 with your models). Several ``--server`` options spread the pairs over the servers
 (``dispatch``): a pair that fails on one is retried on another, a server that stops
 answering drops out, and the report is the same as from one server.
-``--protocol misato``: the official MISATO evaluation's definitions (docs/evaluation.md).
+``--protocol misato``: the official MISATO evaluation's definitions (docs/evaluation.md),
+with its CLIP score from ``--clip-weights DIR`` (a local transformers CLIP model folder).
 
 The report folder (``--out``, default ``eval-report``) gets:
 
@@ -396,7 +397,7 @@ def _arrow(metric: str) -> str:
 def write_summary(out_dir: str, summary: list[dict], columns: list[str], dataset: dict, notes: list[str],
                   header: list[str], protocol: str = "project") -> str:
     head = ["workflow", "images", *[f"{METRIC_LABELS.get(m, m)} {_arrow(m)}" for m in columns]]
-    ds_cols = [c for c in ("FID", "U-IDS", "P-IDS") if any(c in d for d in dataset.values())]
+    ds_cols = [c for c in ("FID", "U-IDS", "P-IDS", "CLIP") if any(c in d for d in dataset.values())]
     head += [f"{c} {'↓' if c == 'FID' else '↑'}" for c in ds_cols]
     lines = ["# Inpainting evaluation", ""] + [f"- {h}" for h in header] + [""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -475,7 +476,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="mask generator seed (default 0)")
     p.add_argument("--protocol", choices=("project", "misato"), default="project",
                    help="metric definitions: the project's (default), or the official MISATO evaluation's "
-                        "(grey masks as given, soft Grad, IDS after PCA to the image size, 3-decimal summary)")
+                        "(grey masks as given, soft Grad, IDS after PCA to the image size, CLIP score with "
+                        "--clip-weights, 3-decimal summary)")
     p.add_argument("--size", type=int, default=None,
                    help="centre-crop and resize images to SIZE² (default 512, or 0 under --protocol misato; "
                         "0: keep, cropped to multiples of 8)")
@@ -491,6 +493,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--alexnet-weights", help="torchvision AlexNet ImageNet weights (alexnet-owt-7be5be79.pth)")
     p.add_argument("--inception-weights",
                    help="torchvision Inception v3 ImageNet weights (inception_v3_google-0cc3c7bd.pth), for FID and IDS")
+    p.add_argument("--clip-weights", metavar="DIR",
+                   help="a local Hugging Face CLIP model folder (config.json + model.safetensors; the official "
+                        "evaluation uses openai/clip-vit-large-patch14), for the CLIP score of --protocol misato")
     p.add_argument("--ids-seed", type=int, default=0,
                    help="seed of the randomized PCA before the IDS SVM under --protocol misato (default 0)")
     p.add_argument("--sheet-rows", type=int, default=12, help="images on the contact sheet (default 12)")
@@ -498,6 +503,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.size is None:
         args.size = 0 if args.protocol == "misato" else 512
+    if args.clip_weights and args.protocol != "misato":
+        p.error("--clip-weights: the CLIP score is part of --protocol misato only; add --protocol misato.")
     return args
 
 
@@ -524,6 +531,55 @@ def _progress(total: int, disabled: bool):
     return tqdm(total=total, unit="pair", dynamic_ncols=True, file=sys.stderr)
 
 
+CLIP_SKIPPED = ("CLIP score not computed: it needs a CLIP image model, which is never downloaded; pass "
+                "--clip-weights DIR (a local copy of openai/clip-vit-large-patch14: config.json + "
+                "model.safetensors).")
+
+
+def clip_note(clip_weights: str | None) -> str:
+    """The report's line on the MISATO CLIP score: what it is, or why it was skipped."""
+    if not clip_weights:
+        return CLIP_SKIPPED
+    return (f"CLIP: mean cosine similarity of the CLIP image embeddings ({os.path.basename(os.path.normpath(clip_weights))}) "
+            "of each result and its original, both kept only inside the hole (mask == 255); the official "
+            "script as published scores a product of means instead (docs/evaluation.md).")
+
+
+def dataset_scores(learned, workflows, stems, inputs, masks, results, misato: bool, ids_seed: int,
+                   notes: list[str]) -> dict:
+    """Per workflow, the scores of its whole set of scored pairs: FID, U-IDS, P-IDS (with
+    Inception weights) and, under the MISATO protocol, the CLIP score (with CLIP weights)."""
+    dataset = {}
+    if learned is not None and learned.has_inception:
+        pca_dim = inputs[stems[0]].shape[0] if misato else None
+        for wf in workflows:
+            done = [s for s in stems if (wf.name, s) in results]
+            if len(done) < 2:
+                continue
+            if pca_dim is not None and 2 * len(done) < pca_dim:
+                notes.append(f"{wf.name}: U-IDS/P-IDS not computed: the MISATO protocol reduces the features to "
+                             f"{pca_dim} dimensions first, which needs at least {(pca_dim + 1) // 2} scored pairs "
+                             f"(here {len(done)}).")
+                pasted = [metrics.paste(results[(wf.name, s)], inputs[s], masks[s]).numpy() for s in done]
+                scores = learned.dataset_scores([inputs[s] for s in done], pasted, pca_dim=None)
+                dataset[wf.name] = {"FID": scores["FID"]}
+                continue
+            pasted = [metrics.paste(results[(wf.name, s)], inputs[s], masks[s]).numpy() for s in done]
+            dataset[wf.name] = learned.dataset_scores([inputs[s] for s in done], pasted, pca_dim=pca_dim,
+                                                      seed=ids_seed)
+        if misato and dataset:
+            notes.append(f"IDS: features reduced by PCA to {pca_dim} dimensions (randomized solver, seed "
+                         f"{ids_seed}; the official script's PCA is unseeded), then the squared-hinge "
+                         "linear SVM solved to its optimum.")
+    if misato and learned is not None and learned.has_clip:
+        for wf in workflows:
+            done = [s for s in stems if (wf.name, s) in results]
+            if done:
+                dataset.setdefault(wf.name, {})["CLIP"] = learned.clip_score(
+                    [inputs[s] for s in done], [results[(wf.name, s)] for s in done], [masks[s] for s in done])
+    return dataset
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -543,15 +599,18 @@ def run(args: argparse.Namespace) -> int:
     notes = []
     if misato:
         notes.append("Protocol: MISATO (the official evaluation's definitions: masks as given, Grad blended by "
-                     "the grey mask, IDS after PCA to the image size, every number rounded to 3 decimals).")
-    if args.lpips_weights or args.alexnet_weights or args.inception_weights:
+                     "the grey mask, IDS after PCA to the image size, CLIP score of the hole, every number rounded "
+                     "to 3 decimals).")
+    if args.lpips_weights or args.alexnet_weights or args.inception_weights or args.clip_weights:
         from evaluate_learned import LearnedMetrics
         learned = LearnedMetrics(lpips=args.lpips_weights, alexnet=args.alexnet_weights,
-                                 inception=args.inception_weights)
+                                 inception=args.inception_weights, clip=args.clip_weights)
         notes += learned.notes
     else:
         notes.append("LPIPS, FID and U-IDS/P-IDS not computed: they need network weights, which are never "
                      "downloaded; pass --lpips-weights + --alexnet-weights and/or --inception-weights.")
+    if misato:
+        notes.append(clip_note(args.clip_weights))
 
     # inputs as scored (saved, so a person can look and a re-run reuses them)
     stems, pairs = [], {}
@@ -696,28 +755,7 @@ def run(args: argparse.Namespace) -> int:
             local.close()
 
     columns = list(metrics.METRICS) + (["lpips"] if learned is not None and learned.has_lpips else [])
-    dataset = {}
-    if learned is not None and learned.has_inception:
-        pca_dim = inputs[stems[0]].shape[0] if misato else None
-        for wf in workflows:
-            done = [s for s in stems if (wf.name, s) in results]
-            if len(done) < 2:
-                continue
-            if pca_dim is not None and 2 * len(done) < pca_dim:
-                notes.append(f"{wf.name}: U-IDS/P-IDS not computed: the MISATO protocol reduces the features to "
-                             f"{pca_dim} dimensions first, which needs at least {(pca_dim + 1) // 2} scored pairs "
-                             f"(here {len(done)}).")
-                pasted = [metrics.paste(results[(wf.name, s)], inputs[s], masks[s]).numpy() for s in done]
-                scores = learned.dataset_scores([inputs[s] for s in done], pasted, pca_dim=None)
-                dataset[wf.name] = {"FID": scores["FID"]}
-                continue
-            pasted = [metrics.paste(results[(wf.name, s)], inputs[s], masks[s]).numpy() for s in done]
-            dataset[wf.name] = learned.dataset_scores([inputs[s] for s in done], pasted, pca_dim=pca_dim,
-                                                      seed=args.ids_seed)
-        if misato and dataset:
-            notes.append(f"IDS: features reduced by PCA to {pca_dim} dimensions (randomized solver, seed "
-                         f"{args.ids_seed}; the official script's PCA is unseeded), then the squared-hinge "
-                         "linear SVM solved to its optimum.")
+    dataset = dataset_scores(learned, workflows, stems, inputs, masks, results, misato, args.ids_seed, notes)
     header = [f"images: {os.path.abspath(args.images)} ({len(stems)}, {args.size or 'native'} px)",
               f"masks: {mask_source}",
               "workflows: " + ", ".join(f"{w.name} = {w.path} (output node {w.output})" for w in workflows),

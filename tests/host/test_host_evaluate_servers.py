@@ -141,7 +141,8 @@ def test_a_server_killed_mid_run_loses_nothing(servers, inputs, one_server, tmp_
 
 def test_misato_protocol_end_to_end(servers, inputs, tmp_path):
     """Grey masks kept as given, Grad blended by them, 3-decimal summary, FID from the
-    Inception file passed, IDS explained when there are fewer pairs than the PCA needs."""
+    Inception file passed, IDS explained when there are fewer pairs than the PCA needs, the
+    CLIP column from the CLIP folder passed."""
     import numpy as np
     import torch
     import torchvision
@@ -158,10 +159,15 @@ def test_misato_protocol_end_to_end(servers, inputs, tmp_path):
     torch.manual_seed(0)
     net = torchvision.models.inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=True)
     torch.save(net.state_dict(), tmp_path / "inception.pth")
+    import transformers             # ComfyUI's requirement: a small random CLIP vision model in its format
+    transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(
+        hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=224,
+        patch_size=32, projection_dim=24, hidden_act="quick_gelu")).save_pretrained(tmp_path / "clip")
     out = tmp_path / "report"
     proc = _evaluate(["--protocol", "misato", "--size", "96", "--workflow", str(inputs / "blur.json"),
                       "--images", str(inputs / "images"), "--masks", str(masks), "--out", str(out),
-                      "--inception-weights", str(tmp_path / "inception.pth"), "--server", servers[0].url])
+                      "--inception-weights", str(tmp_path / "inception.pth"), "--clip-weights", str(tmp_path / "clip"),
+                      "--server", servers[0].url])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     with open(out / "per_image.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -180,3 +186,12 @@ def test_misato_protocol_end_to_end(servers, inputs, tmp_path):
     table = [line for line in md.splitlines() if line.startswith("| blur")]
     m, lo, hi = metrics.mean_interval([float(r["psnr"]) for r in rows])
     assert f"| blur | {len(PHOTOS)} | {m:.3f} [{lo:.3f}, {hi:.3f}] |" in table[0]
+    # the CLIP column, re-derived from the files the report wrote (grey masks as given)
+    from evaluate_learned import LearnedMetrics
+
+    names = [r["image"] for r in rows]
+    clip = LearnedMetrics(clip=str(tmp_path / "clip")).clip_score(
+        [np.asarray(Image.open(out / "inputs" / f"{n}.png")) for n in names],
+        [np.asarray(Image.open(out / "results" / "blur" / f"{n}.png")) for n in names],
+        [np.asarray(Image.open(out / "masks" / f"{n}.png")) for n in names])
+    assert "CLIP ↑" in md and table[0].rstrip(" |").endswith(f"| {round(clip, 3):.3f}")

@@ -145,3 +145,180 @@ def test_missing_or_wrong_weight_files_are_explained(tmp_path):
     torch.save({"features.0.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
     with pytest.raises(InputError, match="Inception v3"):
         evaluate_learned.LearnedMetrics(inception=str(tmp_path / "wrong.pth"))
+
+
+# ------------------------------------------------------------------------------ CLIP score
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A small random CLIP vision tower with projection (OpenAI's layout: quick-GELU, 224 px
+    input), saved as transformers saves it: a folder with config.json + model.safetensors."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, image_size=224, patch_size=32,
+                                        projection_dim=24, hidden_act="quick_gelu")
+    net = transformers.CLIPVisionModelWithProjection(cfg).eval()
+    d = tmp_path_factory.mktemp("clip") / "clip-tiny"
+    net.save_pretrained(d)
+    assert sorted(os.listdir(d)) == ["config.json", "model.safetensors"]
+    return str(d), net
+
+
+def _openai_clip_embeddings(net, photos):
+    """Oracle: OpenAI's clip.load preprocessing (torchvision Resize(224, bicubic) on the PIL
+    image, CenterCrop(224), ToTensor, CLIP mean / std) and encode_image (the final layer
+    norm of the class token times the projection), written out from the hidden states."""
+    import torchvision.transforms as T
+
+    prep = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor(),
+                      T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])
+    x = torch.stack([prep(Image.fromarray(p)) for p in photos])
+    with torch.no_grad():
+        h = net.vision_model(pixel_values=x).last_hidden_state
+        return net.visual_projection(net.vision_model.post_layernorm(h[:, 0])).numpy()
+
+
+def _clip_pairs():
+    truths = [_photo("astronaut", (512, 512)), _photo("chelsea", (451, 300)), _photo("coffee", (150, 200))]
+    results = [np.ascontiguousarray(t[::-1]) for t in truths[:2]] + [_photo("rocket", (150, 200))]
+    masks = []
+    for t in truths:
+        m = np.zeros(t.shape[:2], np.uint8)
+        h, w = m.shape
+        m[h // 5:4 * h // 5, w // 4:3 * w // 4] = 255
+        m[h // 5:4 * h // 5, 3 * w // 4] = 200          # a grey edge: outside the hole (mask // 255 == 0)
+        masks.append(m)
+    return truths, results, masks
+
+
+def _official_clip_score(net, truths, results, masks):
+    """The official cal_clip_score.py with its averaging bug fixed: images times
+    ``mask // 255``, embeddings normalised, per-pair dot products, their mean."""
+    hole = [(m // 255)[..., None] for m in masks]
+    a = _openai_clip_embeddings(net, [r * h for r, h in zip(results, hole)])
+    b = _openai_clip_embeddings(net, [g * h for g, h in zip(truths, hole)])
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    b /= np.linalg.norm(b, axis=1, keepdims=True)
+    return float((a * b).sum(1).mean()), (a * b).sum(1)
+
+
+def test_clip_features_are_openai_preprocessing_and_encode_image(tiny_clip):
+    path, net = tiny_clip
+    truths, results, _ = _clip_pairs()
+    photos = truths + results
+    expected = _openai_clip_embeddings(net, photos)
+    ours = evaluate_learned.ClipImageFeatures(path, batch=4)
+    assert ours.size == 224
+    got = ours(photos)
+    assert got.shape == (6, 24) and got.dtype == np.float32
+    scale = np.abs(expected).mean()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * scale)
+    # the file's path inside the folder is the folder
+    np.testing.assert_allclose(evaluate_learned.ClipImageFeatures(os.path.join(path, "model.safetensors"))(photos[:1]),
+                               got[:1], rtol=1e-6, atol=1e-7 * scale)
+    # what the tolerance guards against: a bilinear resize or ImageNet's constants
+    for wrong in (lambda p: evaluate_learned._normalise(evaluate_learned._resize_crop(p, 224, 224, Image.BILINEAR),
+                                                         evaluate_learned.CLIP_MEAN, evaluate_learned.CLIP_STD),
+                  lambda p: evaluate_learned._normalise(evaluate_learned._resize_crop(p, 224, 224, Image.BICUBIC),
+                                                         evaluate_learned.IMAGENET_MEAN, evaluate_learned.IMAGENET_STD)):
+        with torch.no_grad():
+            bad = ours.net(pixel_values=torch.stack([wrong(p) for p in photos])).image_embeds.numpy()
+        rel = np.abs(bad - expected).mean() / scale
+        assert rel > 1e-3, rel           # the tolerance above is 1e-4
+
+
+def test_clip_loads_the_vision_half_of_a_whole_clip_model(tmp_path):
+    """openai/clip-vit-large-patch14 is a whole CLIPModel (text tower too): its vision tower and
+    projection are what is read."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(1)
+    cfg = transformers.CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=99, max_position_embeddings=16),
+        vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=224, patch_size=32, hidden_act="quick_gelu"),
+        projection_dim=24)
+    whole = transformers.CLIPModel(cfg).eval()
+    whole.save_pretrained(tmp_path / "whole")
+    photo = _photo("astronaut", (512, 512))
+    got = evaluate_learned.ClipImageFeatures(str(tmp_path / "whole"))([photo])
+    np.testing.assert_allclose(got, _openai_clip_embeddings(whole, [photo]), rtol=1e-4, atol=1e-6)
+
+
+def test_clip_score_is_the_official_formula_without_its_bug(tiny_clip):
+    path, net = tiny_clip
+    truths, results, masks = _clip_pairs()
+    expected, per_pair = _official_clip_score(net, truths, results, masks)
+    assert np.ptp(per_pair) > 1e-3, per_pair          # the pairs differ: a mean of them says something
+    ours = evaluate_learned.LearnedMetrics(clip=path)
+    assert ours.has_clip and not ours.has_inception and not ours.has_lpips
+    got = ours.clip_score(truths, results, masks)
+    assert abs(got - expected) < 1e-5
+    # the whole image instead of the hole only is another number
+    whole = ours.clip_score(truths, results, [np.full_like(m, 255) for m in masks])
+    assert abs(whole - expected) > 1e-3
+
+
+def test_clip_report_column_end_to_end(tiny_clip, tmp_path):
+    """dataset_scores -> write_summary, as evaluate.run calls them: a CLIP column under the
+    MISATO protocol, rounded to 3 decimals, and none without the protocol."""
+    from types import SimpleNamespace
+
+    import evaluate
+
+    path, net = tiny_clip
+    truths, results, masks = _clip_pairs()
+    stems = ["a", "b", "c"]
+    wfs = [SimpleNamespace(name="w1"), SimpleNamespace(name="w2")]
+    inputs, mk = dict(zip(stems, truths)), dict(zip(stems, masks))
+    res = {("w1", s): r for s, r in zip(stems, results)}
+    res.update({("w2", s): t for s, t in zip(stems[:2], truths[:2])})        # w2: perfect, one pair missing
+    learned = evaluate_learned.LearnedMetrics(clip=path)
+    notes = []
+    ds = evaluate.dataset_scores(learned, wfs, stems, inputs, mk, res, True, 0, notes)
+    expected, _ = _official_clip_score(net, truths, results, masks)
+    assert set(ds) == {"w1", "w2"} and abs(ds["w1"]["CLIP"] - expected) < 1e-5
+    assert abs(ds["w2"]["CLIP"] - 1.0) < 1e-5
+    rows = {(w.name, s): {"status": "ok", "psnr": "20"} for w in wfs for s in stems if (w.name, s) in res}
+    summary = evaluate.summarise(rows, wfs, stems, ["psnr"])
+    md = evaluate.write_summary(str(tmp_path), summary, ["psnr"], ds, notes + [evaluate.clip_note(path)], [],
+                                protocol="misato")
+    head = next(line for line in md.splitlines() if line.startswith("| workflow"))
+    assert head.rstrip(" |").endswith("CLIP ↑")
+    w1 = next(line for line in md.splitlines() if line.startswith("| w1 "))
+    assert w1.rstrip(" |").endswith(f"{round(expected, 3):.3f}")
+    assert "CLIP: mean cosine similarity" in md
+    assert evaluate.dataset_scores(learned, wfs, stems, inputs, mk, res, False, 0, []) == {}
+
+
+def test_clip_weights_problems_are_explained(tmp_path):
+    pytest.importorskip("transformers")
+    with pytest.raises(InputError, match="config.json"):
+        evaluate_learned.LearnedMetrics(clip=str(tmp_path))
+    (tmp_path / "config.json").write_text('{"model_type": "clip_vision_model"}')
+    with pytest.raises(InputError, match="does not load as a CLIP vision model"):
+        evaluate_learned.LearnedMetrics(clip=str(tmp_path))
+
+
+def test_clip_weights_that_do_not_fit_their_config_are_refused(tiny_clip, tmp_path):
+    """A projection of another size, or a tensor missing from the file: transformers would
+    initialise it at random; the loader refuses."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path, _ = tiny_clip
+    d = tmp_path / "clip"
+    shutil.copytree(path, d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "projection_dim": 32}))
+    with pytest.raises(InputError, match="does not load as a CLIP vision model"):
+        evaluate_learned.ClipImageFeatures(str(d))
+    (d / "config.json").write_text(json.dumps(cfg))
+    state = load_file(d / "model.safetensors")
+    del state["vision_model.post_layernorm.weight"]
+    save_file(state, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(InputError, match="lacks or misshapes vision_model.post_layernorm.weight"):
+        evaluate_learned.ClipImageFeatures(str(d))

@@ -170,3 +170,15 @@ def test_misato_masks_keep_their_grey_levels_and_the_1k_names(tmp_path):
     assert args.size == 0 and args.server == ["http://a:1", "http://b:2"]
     assert evaluate.parse_args(["--workflow", "w.json", "--images", "i", "--mask-generator"]).size == 512
     assert evaluate._fmt(0.36849, "lpips", "misato") == "0.368" and evaluate._fmt(11.4649, "FID", "misato") == "11.465"
+
+
+def test_clip_score_belongs_to_the_misato_protocol_and_says_when_skipped(capsys):
+    base = ["--workflow", "w.json", "--images", "i", "--masks", "m"]
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(base + ["--clip-weights", "clip-vit-large-patch14"])
+    assert "--protocol misato" in capsys.readouterr().err
+    args = evaluate.parse_args(base + ["--protocol", "misato", "--clip-weights", "clip-vit-large-patch14"])
+    assert args.clip_weights == "clip-vit-large-patch14"
+    skipped = evaluate.clip_note(None)
+    assert "not computed" in skipped and "--clip-weights" in skipped and "never downloaded" in skipped
+    assert "not computed" not in evaluate.clip_note("models/clip-vit-large-patch14/")
