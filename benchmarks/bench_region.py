@@ -28,6 +28,7 @@ Usage::
     scripts/host.sh python benchmarks/bench_region.py --check
     scripts/host.sh python benchmarks/bench_region.py --shares --holes 5 10 25 50   # region sizes only
     scripts/host.sh python benchmarks/bench_region.py --check --width 128   # real-size decoders
+    scripts/host.sh python benchmarks/bench_region.py --sizes 1024 --families object --holes 10 --no-sr --norm-oracle
     scripts/host.sh python benchmarks/bench_region.py --sizes 2048 --holes 10 --families object --real-unet
 """
 
@@ -91,10 +92,11 @@ class WholePictureNorms:
     nothing if the GroupNorm statistics are the whole remaining difference. Not a way to
     decode: the statistics need the full decode."""
 
-    def __init__(self, decoder):
+    def __init__(self, decoder, prefixes: tuple[str, ...] = ("",)):
         import torch
 
-        self.norms = [m for m in decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
+        self.norms = [m for name, m in decoder.named_modules()
+                      if isinstance(m, torch.nn.GroupNorm) and name.startswith(prefixes)]
         self.stats: dict[int, tuple] = {}
 
     def _run(self, record: bool, fn):
@@ -180,15 +182,17 @@ def decode_rows(sizes, families, holes, width: int, norm_oracle: bool = False):
                                  load=os.getloadavg()[0]))
                 print_decode_row(rows[-1])
                 if norm_oracle:
-                    norms = WholePictureNorms(decoder)
-                    with torch.inference_mode():
-                        recorded = norms.record(lambda: decoder.decode(latent, image, mask, region="full"))
-                        replayed = norms.replay(lambda: decoder.decode(latent, image, mask, region="hole"))
-                    print(f"  full decode with its own recorded statistics vs full decode: PSNR "
-                          f"{hole_difference(recorded, full, mask)[2]:.1f}; region decode with the full decode's "
-                          f"GroupNorm statistics vs full decode: max / mean / PSNR "
-                          "{:.0f} / {:.3f} / {:.1f}".format(*hole_difference(replayed, full, mask)), flush=True)
-                    del recorded, replayed
+                    lowest = f"up.{decoder.config.levels - 1}.block."
+                    for what, prefixes in (("all GroupNorms", ("",)), (f"the {lowest}* GroupNorms", (lowest,))):
+                        norms = WholePictureNorms(decoder, prefixes)
+                        with torch.inference_mode():
+                            recorded = norms.record(lambda: decoder.decode(latent, image, mask, region="full"))
+                            replayed = norms.replay(lambda: decoder.decode(latent, image, mask, region="hole"))
+                        print(f"  region decode with the full decode's statistics in {what} ({len(norms.norms)}) "
+                              f"vs full decode: max / mean / PSNR "
+                              "{:.0f} / {:.3f} / {:.1f}".format(*hole_difference(replayed, full, mask)),
+                              f"(recording itself: PSNR {hole_difference(recorded, full, mask)[2]:.1f})", flush=True)
+                        del recorded, replayed
                 del full, region
     return rows
 
