@@ -100,14 +100,16 @@ class DecoderConfig:
         return 2 ** (self.levels - 1)
 
     @property
-    def reach_px(self) -> int:
-        """How far (pixels) an output pixel can see through the decoder's local operations,
-        counted from the architecture: a 3x3 convolution reaches one cell of its input, a
-        4x4 stride-2 one two cells; a cell at level l is 2**l pixels. The main path and the
-        condition encoder are added (an upper bound), plus one latent cell for alignment.
-        GroupNorm statistics and the mid attention are global and not counted."""
+    def reach_up_px(self) -> int:
+        """How far (pixels) an output pixel can see through the local operations after the
+        mid block (up levels, final fusion, conv_out, condition encoder), counted from the
+        architecture: a 3x3 convolution reaches one cell of its input, a 4x4 stride-2 one two
+        cells; a cell at level l is 2**l pixels. The main path and the condition encoder are
+        added (an upper bound), plus one latent cell for alignment. GroupNorm statistics are
+        global and not counted. This is the margin a region needs when the latent-resolution
+        stages (``MaskedDecoder.latent_stage``) ran on the whole latent."""
         levels = self.levels
-        main = (1 + 4) * 2 ** (levels - 1)                  # conv_in, mid: 2 ResNets x 2 convs
+        main = 0
         for lv in reversed(range(levels)):
             main += 2 * self.blocks[lv] * 2 ** lv          # ResNets: 2 convs each
             if lv:
@@ -120,9 +122,22 @@ class DecoderConfig:
         return main + cond + self.scale
 
     @property
+    def reach_px(self) -> int:
+        """``reach_up_px`` plus the latent-resolution stages (conv_in and the mid block's two
+        ResNets, five 3x3 convolutions on cells of ``scale`` pixels): how far an output pixel
+        sees through the whole decoder's local operations. The mid attention is global and
+        not counted."""
+        return self.reach_up_px + (1 + 4) * self.scale
+
+    @property
     def reach_cells(self) -> int:
         """``reach_px`` in latent cells, rounded up."""
         return -(-self.reach_px // self.scale)
+
+    @property
+    def reach_up_cells(self) -> int:
+        """``reach_up_px`` in latent cells, rounded up."""
+        return -(-self.reach_up_px // self.scale)
 
     def level_input_channels(self, level: int) -> int:
         """Width of ``h`` entering ldm level ``level`` (before its fusion and ResNets)."""
@@ -364,17 +379,20 @@ class MaskedDecoder(nn.Module):
         after each up level."""
         return self.config.levels + 1
 
-    def forward(self, z: torch.Tensor, image: torch.Tensor, mask: torch.Tensor,
-                stage: Callable[[], None] | None = None) -> torch.Tensor:
-        """``z`` [B,C,h,w] raw VAE latent; ``image`` [B,3,H,W] in -1..1; ``mask`` [B,1,H,W],
-        1 = hole. All in the compute dtype on the model's device. Returns [B,3,H,W], nominally
-        -1..1, unclamped. ``stage()`` is called ``self.stages`` times on the way (progress;
-        it may raise to cancel)."""
-        stage = stage or (lambda: None)
+    def latent_stage(self, z: torch.Tensor) -> torch.Tensor:
+        """The stages at latent resolution: post_quant_conv (when present), conv_in and the
+        mid block (ResNet, self-attention, ResNet). ``z`` [B,C,h,w] raw latent; returns
+        [B,mid_channels,h,w], the input of ``up_path``."""
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
-        h = self.mid(self.conv_in(z))
-        stage()
+        return self.mid(self.conv_in(z))
+
+    def up_path(self, h: torch.Tensor, image: torch.Tensor, mask: torch.Tensor,
+                stage: Callable[[], None] | None = None) -> torch.Tensor:
+        """The up levels with their fusions, the final fusion and conv_out, from the output of
+        ``latent_stage`` (``h`` [B,mid_channels,h,w]) and the matching ``image``/``mask``
+        (as in ``forward``). ``stage()`` is called after each up level."""
+        stage = stage or (lambda: None)
         features = self.condition_encoder(self.condition_input(image, mask), self._keep)
         uses = [*(self._plan[lv] for lv in reversed(range(self.config.levels))), self._final]
 
@@ -394,6 +412,17 @@ class MaskedDecoder(nn.Module):
         h = _norm_swish(self.norm_out, h)
         return self.conv_out(h)
 
+    def forward(self, z: torch.Tensor, image: torch.Tensor, mask: torch.Tensor,
+                stage: Callable[[], None] | None = None) -> torch.Tensor:
+        """``z`` [B,C,h,w] raw VAE latent; ``image`` [B,3,H,W] in -1..1; ``mask`` [B,1,H,W],
+        1 = hole. All in the compute dtype on the model's device. Returns [B,3,H,W], nominally
+        -1..1, unclamped. ``stage()`` is called ``self.stages`` times on the way (progress;
+        it may raise to cancel)."""
+        stage = stage or (lambda: None)
+        h = self.latent_stage(z)
+        stage()
+        return self.up_path(h, image, mask, stage)
+
     # ---- ComfyUI-facing entry point ----------------------------------------------------
 
     def decode(self, latent: torch.Tensor, image: torch.Tensor, mask: torch.Tensor, *,
@@ -405,10 +434,11 @@ class MaskedDecoder(nn.Module):
         0..1, the full original; ``mask`` [B,H,W], 1 = hole. Returns IMAGE [B,H,W,3] float32
         0..1 on the image's device: the decoder's own output, nothing pasted.
         ``tile_size`` (latent cells) decodes overlapping tiles blended with feathered weights.
-        ``region``: ``"full"`` decodes the whole picture; ``"hole"`` decodes only the boxes
-        of ``hole_regions`` (the hole's cells grown by ``config.reach_cells``) and returns the
-        original image everywhere else, for callers that paste the original back outside the
-        hole; ``"auto"`` is ``"hole"`` when the boxes cover at most ``REGION_AUTO_MAX_SHARE``
+        ``region``: ``"full"`` decodes the whole picture; ``"hole"`` runs the latent-resolution
+        stages (``latent_stage``: conv_in, mid block) on the whole latent, then the up path
+        only on the boxes of ``decode_boxes`` (the hole's cells grown by
+        ``config.reach_up_cells``), and returns the original image everywhere else, for
+        callers that paste the original back outside the hole; ``"auto"`` is ``"hole"`` when the boxes cover at most ``REGION_AUTO_MAX_SHARE``
         of the picture, else ``"full"``. Decided per sample.
         """
         if region not in REGION_MODES:
@@ -422,44 +452,67 @@ class MaskedDecoder(nn.Module):
         out_device = image.device
         device, dtype = compute_device_dtype(self)
         batch, _, lh, lw = latent.shape
+        whole_box = [Tile(0, 0, lh, lw)]
         plans = [[(box, tile_grid(box.height, box.width, tile_size, tile_overlap))
                   for box in self.decode_boxes(mask[i], lh, lw, region)] for i in range(batch)]
         # Progress: per tile, or (untiled) per stage of the forward pass, so that a single
-        # large decode still reports and can be cancelled part-way.
+        # large decode still reports and can be cancelled part-way. A region decode runs the
+        # latent-resolution stages once on the whole latent (one unit), then the up path per box.
 
-        def units(grid) -> int:
-            return self.stages if grid.whole else len(grid.tiles)
+        def regional(plan) -> bool:
+            return bool(plan) and [box for box, _ in plan] != whole_box
 
-        total = max(1, sum(units(grid) for plan in plans for _, grid in plan))
+        def units(grid, up_only: bool) -> int:
+            return (self.config.levels if up_only else self.stages) if grid.whole else len(grid.tiles)
+
+        total = max(1, sum(int(regional(plan)) + sum(units(grid, regional(plan)) for _, grid in plan)
+                           for plan in plans))
         done = 0
         outputs = []
         # no_grad rather than inference_mode: the result stays an ordinary tensor that
         # callers may modify in place (e.g. when pasting the known pixels back).
         with torch.no_grad():
             for i in range(batch):  # one sample at a time bounds peak memory (see decode_memory_estimate)
-                whole = [box for box, _ in plans[i]] == [Tile(0, 0, lh, lw)]
-                out = None if whole else image[i:i + 1].float().to(out_device, copy=True)
+                partial = regional(plans[i])
+                out = image[i:i + 1].float().to(out_device, copy=True) if partial or not plans[i] else None
+                mids: dict[torch.dtype, torch.Tensor] = {}
+
+                def latent_input(run_dtype: torch.dtype, i: int = i, partial: bool = partial) -> torch.Tensor:
+                    """The whole latent (full decode), or (region decode) the output of the
+                    latent-resolution stages run on the whole latent, once per dtype: the mid
+                    attention and its GroupNorms then see the whole picture, as in a full decode."""
+                    z = latent[i:i + 1].to(device=device, dtype=run_dtype)
+                    if not partial:
+                        return z
+                    if run_dtype not in mids:
+                        mids[run_dtype] = self.latent_stage(z)
+                    return mids[run_dtype]
+
+                if partial:
+                    latent_input(dtype)
+                    done += 1
+                    report(progress, done, total)
+                step_fn = self.up_path if partial else self.forward
                 for box, grid in plans[i]:
                     s = self.config.scale
                     ys, xs = slice(box.y * s, (box.y + box.height) * s), slice(box.x * s, (box.x + box.width) * s)
 
                     def run(run_dtype: torch.dtype, base: int = done, grid=grid, box=box, ys=ys, xs=xs):
-                        z = latent[i:i + 1, :, box.y:box.y + box.height, box.x:box.x + box.width]
-                        z = z.to(device=device, dtype=run_dtype)
+                        z = latent_input(run_dtype)[..., box.y:box.y + box.height, box.x:box.x + box.width]
                         img = image_to_model(image[i:i + 1, ys, xs]).to(device=device, dtype=run_dtype)
                         msk = mask[i:i + 1, None, ys, xs].to(device=device, dtype=run_dtype)
                         if grid.whole:
-                            steps = iter(range(1, self.stages + 1))
+                            steps = iter(range(1, units(grid, partial) + 1))
 
                             def stage() -> None:
                                 report(progress, base + next(steps), total)
 
-                            return self.forward(z, img, msk, stage=stage).float()
+                            return step_fn(z, img, msk, stage=stage).float()
 
                         def tick(n: int, _total: int) -> None:
                             report(progress, base + n, total)
 
-                        return decode_tiled(self.forward, z, img, msk, scale=s, grid=grid, progress=tick)
+                        return decode_tiled(step_fn, z, img, msk, scale=s, grid=grid, progress=tick)
 
                     x = run(dtype)
                     if dtype == torch.float16 and not bool(torch.isfinite(x).all()):
@@ -467,12 +520,13 @@ class MaskedDecoder(nn.Module):
                         # inf/NaN. Redo this part in float32 (cast layers upcast their weights).
                         log.warning("masked decode overflowed float16; decoding this part again in float32")
                         x = run(torch.float32)
-                    done += units(grid)
+                    done += units(grid, partial)
                     pixels = model_to_image(x).to(out_device)
-                    if whole:
+                    if out is None:
                         out = pixels
                     else:
                         out[:, ys, xs] = pixels
+                del mids
                 outputs.append(out)
         if done == 0:
             report(progress, total, total)  # nothing to decode (no hole in region mode)
@@ -481,13 +535,14 @@ class MaskedDecoder(nn.Module):
     def decode_boxes(self, mask: torch.Tensor, lh: int, lw: int, region: str) -> list[Tile]:
         """The latent boxes ``decode`` computes for one ``[H, W]`` mask: the whole latent, or
         (``region`` ``"hole"``/``"auto"``) the ``hole_regions`` of the cells holding a hole
-        pixel grown by ``config.reach_cells``; an empty list when there is no hole."""
+        pixel grown by ``config.reach_up_cells`` (the latent-resolution stages run on the
+        whole latent, so only the up path's reach is needed); an empty list when there is no hole."""
         whole = [Tile(0, 0, lh, lw)]
         if region == REGION_FULL:
             return whole
         s = self.config.scale
         cells = F.max_pool2d((mask > 0).float()[None, None], s)[0, 0] > 0
-        boxes = hole_regions(cells, self.config.reach_cells)
+        boxes = hole_regions(cells, self.config.reach_up_cells)
         if region == REGION_AUTO and region_share(boxes, lh, lw) > REGION_AUTO_MAX_SHARE:
             return whole
         return boxes

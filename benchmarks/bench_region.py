@@ -28,6 +28,7 @@ Usage::
     scripts/host.sh python benchmarks/bench_region.py --check
     scripts/host.sh python benchmarks/bench_region.py --shares --holes 5 10 25 50   # region sizes only
     scripts/host.sh python benchmarks/bench_region.py --check --width 128   # real-size decoders
+    scripts/host.sh python benchmarks/bench_region.py --sizes 1024 --families object --holes 10 --no-sr --norm-oracle
     scripts/host.sh python benchmarks/bench_region.py --sizes 2048 --holes 10 --families object --real-unet
 """
 
@@ -84,6 +85,43 @@ def hole_difference(a, b, mask):
     return float(d.max()), float(d.mean()), psnr
 
 
+class WholePictureNorms:
+    """Diagnostic only: every GroupNorm of ``decoder`` normalises with statistics recorded
+    from a full decode (``record`` once, then ``replay`` during a region decode). A region
+    decode that replays them differs from the full decode only through what is left, i.e.
+    nothing if the GroupNorm statistics are the whole remaining difference. Not a way to
+    decode: the statistics need the full decode."""
+
+    def __init__(self, decoder, prefixes: tuple[str, ...] = ("",)):
+        import torch
+
+        self.norms = [m for name, m in decoder.named_modules()
+                      if isinstance(m, torch.nn.GroupNorm) and name.startswith(prefixes)]
+        self.stats: dict[int, tuple] = {}
+
+    def _run(self, record: bool, fn):
+        for n, norm in enumerate(self.norms):
+            def forward(x, n=n, norm=norm):
+                g = x.float().reshape(x.shape[0], norm.num_groups, -1)
+                if record:
+                    self.stats[n] = (g.mean(-1, keepdim=True), g.var(-1, unbiased=False, keepdim=True))
+                mean, var = self.stats[n]
+                y = ((g - mean) / (var + norm.eps).sqrt()).reshape(x.shape).to(x.dtype)
+                return y * norm.weight[:, None, None] + norm.bias[:, None, None]
+            norm.forward = forward
+        try:
+            return fn()
+        finally:
+            for norm in self.norms:
+                del norm.forward
+
+    def record(self, fn):
+        return self._run(True, fn)
+
+    def replay(self, fn):
+        return self._run(False, fn)
+
+
 def setup_comfy() -> None:
     """ComfyUI in CPU mode with PyTorch's fused attention in its VAE (``--use-pytorch-cross-attention``),
     the attention kernel the masked decoder uses too; ComfyUI's default on CPU, split attention,
@@ -114,7 +152,7 @@ def core_vae_decode(width: int):
     return lambda latent, image, mask: model.decode(latent).float().add(1).div(2).clamp(0, 1).movedim(1, -1)
 
 
-def decode_rows(sizes, families, holes, width: int):
+def decode_rows(sizes, families, holes, width: int, norm_oracle: bool = False):
     import torch
     from asuka_core.tiling import region_share
 
@@ -143,6 +181,18 @@ def decode_rows(sizes, families, holes, width: int):
                                  full_mib=full_mib, region_mib=region_mib, dmax=dmax, dmean=dmean, psnr=psnr,
                                  load=os.getloadavg()[0]))
                 print_decode_row(rows[-1])
+                if norm_oracle:
+                    lowest = f"up.{decoder.config.levels - 1}.block."
+                    for what, prefixes in (("all GroupNorms", ("",)), (f"the {lowest}* GroupNorms", (lowest,))):
+                        norms = WholePictureNorms(decoder, prefixes)
+                        with torch.inference_mode():
+                            recorded = norms.record(lambda: decoder.decode(latent, image, mask, region="full"))
+                            replayed = norms.replay(lambda: decoder.decode(latent, image, mask, region="hole"))
+                        print(f"  region decode with the full decode's statistics in {what} ({len(norms.norms)}) "
+                              f"vs full decode: max / mean / PSNR "
+                              "{:.0f} / {:.3f} / {:.1f}".format(*hole_difference(replayed, full, mask)),
+                              f"(recording itself: PSNR {hole_difference(recorded, full, mask)[2]:.1f})", flush=True)
+                        del recorded, replayed
                 del full, region
     return rows
 
@@ -226,23 +276,23 @@ def sr_rows(families, holes, real_unet: bool, tile: int, overlap: int):
 
 
 def share_rows(sizes, families, holes) -> None:
-    """Region shares only (no timing): decode boxes of the ASUKA decoder's reach, SR boxes."""
-    import torch.nn.functional as F
-
+    """Region shares only (no timing): the ASUKA decoder's decode boxes
+    (``MaskedDecoder.decode_boxes``: hole cells grown by the up-path reach), SR boxes."""
     from asuka_core.super_resolution import blend_mask, sr_regions
-    from asuka_core.tiling import hole_regions, region_share
+    from asuka_core.tiling import region_share
 
-    reach = load_decoder(asuka_decoder_state_dict(0, with_encoder=False, ch=32)).config.reach_cells
-    print(f"decoder reach {reach} latent cells; SR at 4x the picture is for 2048 px only")
+    decoder = load_decoder(asuka_decoder_state_dict(0, with_encoder=False, ch=32))
+    print(f"decoder up-path reach {decoder.config.reach_up_cells} latent cells "
+          f"({decoder.config.reach_up_px} px); SR at 4x the picture is for 2048 px only")
     print(f"{'size':>5} {'mask':<9} {'hole%':>5} {'decode region%':>14} {'boxes':>5} {'SR region%':>10} {'boxes':>5}")
     for size in sizes:
         for family in families:
             for hole in holes:
                 mask = pick_mask(size, family, hole / 100)
-                cells = F.max_pool2d((mask > 0).float()[None], 8)[0, 0] > 0
-                boxes = hole_regions(cells, reach)
+                cells = size // 8
+                boxes = decoder.decode_boxes(mask[0], cells, cells, "hole")
                 line = (f"{size:>5} {family:<9} {float(mask.mean()) * 100:>5.1f} "
-                        f"{region_share(boxes, size // 8, size // 8) * 100:>14.1f} {len(boxes):>5}")
+                        f"{region_share(boxes, cells, cells) * 100:>14.1f} {len(boxes):>5}")
                 if size == 2048:
                     sr = sr_regions(blend_mask(mask, (512, 512)), "hole")
                     line += f" {region_share(sr, 512, 512) * 100:>10.1f} {len(sr):>5}"
@@ -262,6 +312,8 @@ def main() -> None:
     parser.add_argument("--sr-overlap", type=int, default=32, help="SR tile overlap in latent cells (128 px = 32)")
     parser.add_argument("--check", action="store_true", help="the 2048 px / 10 %% object-hole decode only")
     parser.add_argument("--shares", action="store_true", help="only the region shares of the masks (fast)")
+    parser.add_argument("--norm-oracle", action="store_true",
+                        help="diagnostic: also the region decode with the full decode's GroupNorm statistics")
     args = parser.parse_args()
     import torch
 
@@ -277,7 +329,7 @@ def main() -> None:
     if not args.no_decode:
         print("masked decode, region vs full vs core VAE Decode (hole difference region vs full, grey levels)")
         print(DECODE_HEADER)
-        rows = decode_rows(args.sizes, args.families, args.holes, args.width)
+        rows = decode_rows(args.sizes, args.families, args.holes, args.width, args.norm_oracle)
     if not args.no_sr:
         print(f"\nx4 SR, one UNet call at batch 2 on a 2048 px output (512 x 512 latent) in tiles of "
               f"{args.sr_tile} cells, overlap {args.sr_overlap}: region vs whole; '/ region%' = time ratio / area ratio")

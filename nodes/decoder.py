@@ -88,11 +88,12 @@ class MaskedDecode(io.ComfyNode):
                     "Overlap between tiles in pixels; tiles are feathered across it so no seam shows.")),
                 io.Combo.Input("region", options=list(REGION_MODES), default=REGION_AUTO, optional=True, tooltip=(
                     "Which part is decoded. auto: with composite on, only the hole plus the margin the "
-                    "decoder can see (160-190 px) when that is at most half the picture, otherwise all "
-                    "of it. full: always the whole picture. hole: always only the hole and its margin "
-                    "(outside it the output is the input image, even with composite off). The hole "
-                    "region sees less of the picture in its normalisation and attention, so it is close "
-                    "to, not identical with, the full decode; see docs/decoder.md.")),
+                    "decoder's upper layers can see (120-150 px) when that is at most half the picture, "
+                    "otherwise all of it. full: always the whole picture. hole: always only the hole and "
+                    "its margin (outside it the output is the input image, even with composite off). The "
+                    "low-resolution layers and the attention always see the whole picture; the upper "
+                    "layers' normalisation sees only the region, so the result is close to, not identical "
+                    "with, the full decode; see docs/decoder.md.")),
             ],
             outputs=[io.Image.Output(display_name="image", tooltip="The decoded picture.")],
             hidden=[io.Hidden.unique_id],

@@ -34,9 +34,11 @@ def decode_node(comfy):
                                composite=True, tile_size=0, tile_overlap=64)
 
 
-def _sizes_seen(model) -> list[tuple[int, int]]:
+def _sizes_seen(model, module=None) -> list[tuple[int, int]]:
+    """Latent sizes the up path starts on (its first ResNet), or ``module`` sees."""
     seen = []
-    model.conv_in.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape[-2:])))
+    module = module or model.up[model.config.levels - 1].block[0]
+    module.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape[-2:])))
     return seen
 
 
@@ -51,12 +53,13 @@ def test_region_input_is_optional_with_auto_as_default(decode_node):
 def test_auto_decodes_only_the_hole_region_when_compositing(decode_node):
     node, patcher, kwargs = decode_node
     model = patcher.model
-    seen = _sizes_seen(model)
+    seen, mid_seen = _sizes_seen(model), _sizes_seen(model, model.conv_in)
     auto = node.execute(**kwargs).result[0]                               # old workflows: no region input
     full = node.execute(**kwargs, region="full").result[0]
     raw = node.execute(**{**kwargs, "composite": False}).result[0]        # auto without composite: full
     boxes = model.decode_boxes(kwargs["mask"][0], 56, 56, "auto")
     assert seen == [(b.height, b.width) for b in boxes] + [(56, 56), (56, 56)]
+    assert mid_seen == [(56, 56)] * 3                                    # the mid block sees the whole latent
     assert len(boxes) == 1 and boxes[0].height * boxes[0].width < 56 * 56 / 2
     keep = kwargs["mask"] == 0
     assert torch.equal(auto[keep], kwargs["image"][keep]) and torch.equal(full[keep], kwargs["image"][keep])

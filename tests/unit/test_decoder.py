@@ -365,19 +365,19 @@ def test_feather_weights_positive_and_unramped_on_borders():
 
 
 class _LocalOps:
-    """torch.nn layers, except GroupNorm normalises each pixel over its channel group
+    """torch.nn layers, except GroupNorm normalises each pixel over all its channels
     instead of over the whole image: with the mid attention switched off (zero output
     projection), the decoder then has no global operation, only convolutions of a finite
-    reach, so tiles must reproduce the whole decode exactly away from tile borders."""
+    reach, so tiles must reproduce the whole decode exactly away from tile borders.
+    (Over all channels, not per group: the tiny decoders' 32-wide levels have one channel
+    per group, which a per-pixel group norm would flatten to its bias.)"""
 
     Linear, Conv2d = nn.Linear, nn.Conv2d
 
     class GroupNorm(nn.GroupNorm):
         def forward(self, x):
-            b, c, h, w = x.shape
-            g = x.view(b, self.num_groups, c // self.num_groups, h, w)
-            g = (g - g.mean(2, keepdim=True)) / torch.sqrt(g.var(2, unbiased=False, keepdim=True) + self.eps)
-            return g.view(b, c, h, w) * self.weight[:, None, None] + self.bias[:, None, None]
+            g = (x - x.mean(1, keepdim=True)) / torch.sqrt(x.var(1, unbiased=False, keepdim=True) + self.eps)
+            return g * self.weight[:, None, None] + self.bias[:, None, None]
 
 
 def test_tiles_are_exact_where_a_local_decoder_cannot_see_a_tile_border(tiny_asuka_sd):
@@ -694,6 +694,7 @@ def test_region_decode_equals_the_full_decode_in_the_hole_without_global_ops(loc
     full = local_asuka.decode(z, image, mask, region="full")
     calls = []
     region = local_asuka.decode(z, image, mask, region="hole", progress=lambda d, t: calls.append((d, t)))
+    # one unit for the latent-resolution stages on the whole latent, one per up level of the box
     assert calls == [(n, local_asuka.stages) for n in range(1, local_asuka.stages + 1)]
     hole = mask > 0
     assert torch.allclose(region[hole], full[hole], atol=1e-5)
@@ -719,13 +720,46 @@ def test_region_decode_several_holes_on_the_border_and_a_batch_of_masks(local_as
     full = local_asuka.decode(z, image, mask)
     calls = []
     region = local_asuka.decode(z, image, mask, region="auto", progress=lambda d, t: calls.append((d, t)))
-    assert calls == [(n, 3 * local_asuka.stages) for n in range(1, 3 * local_asuka.stages + 1)]
+    # per sample one unit for the latent-resolution stages, then one per up level of each box
+    units = 2 + 3 * local_asuka.config.levels
+    assert calls == [(n, units) for n in range(1, units + 1)]
     hole = mask > 0
     assert torch.allclose(region[hole], full[hole], atol=1e-5)
     assert torch.equal(composite(image, region, mask)[~hole], image[~hole])
     # one sample alone gives the same as in the batch
     alone = local_asuka.decode(z[1:], image[1:], mask[1:], region="hole")
     assert torch.allclose(alone, region[1:], atol=1e-6)
+
+
+def test_region_decode_runs_the_mid_block_on_the_whole_latent(tiny_asuka_sd):
+    """A decoder whose only global operation is the mid attention (per-pixel GroupNorm, see
+    _LocalOps, attention left on): the region decode equals the full decode in the hole,
+    because the mid block runs on the whole latent and its attention attends over the whole
+    picture. The same up path fed a mid block run on the box alone differs there."""
+    attending = load_decoder(tiny_asuka_sd, operations=_LocalOps)
+    lh = lw = 48
+    z, image, _ = _inputs(4, batch=1, lh=lh, lw=lw, channels=16)
+    mask = _rect_mask(1, lh, lw, [[(170, 205, 160, 230)]])
+    (b,) = attending.decode_boxes(mask[0], lh, lw, "hole")
+    assert region_share([b], lh, lw) < 0.6
+    full = attending.decode(z, image, mask, region="full")
+    region = attending.decode(z, image, mask, region="hole")
+    hole = mask > 0
+    assert torch.allclose(region[hole], full[hole], atol=1e-5)
+    # the attention matters: the box decoded alone (mid block on the box only) differs in the hole
+    ys, xs = slice(b.y * 8, (b.y + b.height) * 8), slice(b.x * 8, (b.x + b.width) * 8)
+    alone = attending.decode(z[..., b.y:b.y + b.height, b.x:b.x + b.width], image[:, ys, xs], mask[:, ys, xs])
+    assert (alone[hole[:, ys, xs]] - full[:, ys, xs][hole[:, ys, xs]]).abs().max() > 1e-3
+
+
+def test_region_boxes_use_the_up_path_reach(tiny_asuka):
+    cfg = tiny_asuka.config
+    assert cfg.reach_px - cfg.reach_up_px == 5 * cfg.scale      # conv_in + the mid block's 4 convs
+    hole = torch.zeros(1, 48 * 8, 48 * 8)
+    hole[:, 200:208, 200:208] = 1.0                              # one latent cell (25, 25)
+    (box,) = tiny_asuka.decode_boxes(hole[0], 48, 48, "hole")
+    r = cfg.reach_up_cells
+    assert box == Tile(25 - r, 25 - r, 2 * r + 1, 2 * r + 1)
 
 
 def test_region_modes_on_a_decoder_with_global_ops(tiny_asuka):
@@ -739,7 +773,7 @@ def test_region_modes_on_a_decoder_with_global_ops(tiny_asuka):
     assert torch.equal(auto, hole_only)
     full = tiny_asuka.decode(z, image, small)
     hole = small > 0
-    # GroupNorm statistics and the mid attention see only the region: close, not equal
+    # the up blocks' GroupNorm statistics see only the region: close, not equal
     assert not torch.equal(auto[hole], full[hole])
     # tiles inside the region: shape and the original outside
     tiled = tiny_asuka.decode(z, image, small, region="hole", tile_size=8, tile_overlap=2)
