@@ -86,14 +86,15 @@ class MaskedDecode(io.ComfyNode):
                     "the whole-image decode, see docs/decoder.md), to bound memory on very large images.")),
                 io.Int.Input("tile_overlap", default=64, min=0, max=1024, step=8, tooltip=(
                     "Overlap between tiles in pixels; tiles are feathered across it so no seam shows.")),
-                io.Combo.Input("region", options=list(REGION_MODES), default=REGION_AUTO, optional=True, tooltip=(
-                    "Which part is decoded. auto: with composite on, only the hole plus the margin the "
-                    "decoder's upper layers can see (120-150 px) when that is at most half the picture, "
-                    "otherwise all of it. full: always the whole picture. hole: always only the hole and "
-                    "its margin (outside it the output is the input image, even with composite off). The "
-                    "low-resolution layers and the attention always see the whole picture; the upper "
-                    "layers' normalisation sees only the region, so the result is close to, not identical "
-                    "with, the full decode; see docs/decoder.md.")),
+                io.Combo.Input("region", options=list(REGION_MODES), default=REGION_FULL, optional=True, tooltip=(
+                    "Which part is decoded. full (default): the whole picture, exactly as before. auto: with "
+                    "composite on, only the hole plus the margin the decoder's upper layers can see "
+                    "(120-150 px) when that is at most half the picture, otherwise all of it: much faster "
+                    "for a small hole in a large picture. hole: always only the hole and its margin "
+                    "(outside it the output is the input image, even with composite off). In auto and hole "
+                    "the upper layers' normalisation sees only the region, so the hole is not identical "
+                    "with a full decode; how far it differs with real weights has not been measured (with "
+                    "random test weights it differs a lot). See docs/decoder.md.")),
             ],
             outputs=[io.Image.Output(display_name="image", tooltip="The decoded picture.")],
             hidden=[io.Hidden.unique_id],
@@ -101,7 +102,7 @@ class MaskedDecode(io.ComfyNode):
 
     @classmethod
     def execute(cls, decoder, samples, image, mask, composite: bool, tile_size: int,
-                tile_overlap: int, region: str = REGION_AUTO) -> io.NodeOutput:
+                tile_overlap: int, region: str = REGION_FULL) -> io.NodeOutput:
         if 0 < tile_size < MIN_TILE * 8:
             raise InputError(f"tile_size {tile_size} px is too small: use 0 (no tiling) or at least "
                              f"{MIN_TILE * 8} px.")

@@ -42,11 +42,11 @@ def _sizes_seen(model, module=None) -> list[tuple[int, int]]:
     return seen
 
 
-def test_region_input_is_optional_with_auto_as_default(decode_node):
+def test_region_input_is_optional_with_full_as_default(decode_node):
     node = decode_node[0]
     schema = node.define_schema()
     region = next(i for i in schema.inputs if i.id == "region")
-    assert region.optional and region.default == "auto" and set(region.options) == {"auto", "full", "hole"}
+    assert region.optional and region.default == "full" and set(region.options) == {"auto", "full", "hole"}
     assert region.tooltip
 
 
@@ -54,9 +54,9 @@ def test_auto_decodes_only_the_hole_region_when_compositing(decode_node):
     node, patcher, kwargs = decode_node
     model = patcher.model
     seen, mid_seen = _sizes_seen(model), _sizes_seen(model, model.conv_in)
-    auto = node.execute(**kwargs).result[0]                               # old workflows: no region input
-    full = node.execute(**kwargs, region="full").result[0]
-    raw = node.execute(**{**kwargs, "composite": False}).result[0]        # auto without composite: full
+    auto = node.execute(**kwargs, region="auto").result[0]
+    full = node.execute(**kwargs).result[0]                               # old workflows: no region input
+    raw = node.execute(**{**kwargs, "composite": False}, region="auto").result[0]   # auto without composite: full
     boxes = model.decode_boxes(kwargs["mask"][0], 56, 56, "auto")
     assert seen == [(b.height, b.width) for b in boxes] + [(56, 56), (56, 56)]
     assert mid_seen == [(56, 56)] * 3                                    # the mid block sees the whole latent
