@@ -206,7 +206,7 @@ def test_cancel_stops_training_and_keeps_a_resumable_state(host, comfy, tiny_che
 
 
 def _training_example(comfy, host, tiny_checkpoints, photos, picture, mask) -> dict:
-    with open(os.path.join(workflows.WORKFLOW_DIR, "asuka_sd15_train_aligner.json")) as f:
+    with open(workflows.path("asuka_sd15_train_aligner")) as f:
         prompt = workflows.to_api_prompt(json.load(f), comfy.object_info())
     by_type = {node["class_type"]: node["inputs"] for node in prompt.values()}
     by_type["CheckpointLoaderSimple"]["ckpt_name"] = os.path.basename(tiny_checkpoints[9])

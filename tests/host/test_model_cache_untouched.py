@@ -170,11 +170,11 @@ def test_rasg_with_partial_loading_and_lora(comfy, pack, patcher):
     import comfy.sd
 
     lora_model, _ = comfy.sd.load_lora_for_models(patcher, None, _lora_for(comfy, patcher, seed=12), 1.0, 0.0)
-    full = rasg(comfy, pack, lora_model)
+    full, plain_full = rasg(comfy, pack, lora_model), euler(comfy, lora_model)
     mm.unload_all_models()
     with partial_loading(comfy) as free:
         free.budget = lora_model.model_size() * 0.4
-        partial = rasg(comfy, pack, lora_model)
+        partial, plain_partial = rasg(comfy, pack, lora_model), euler(comfy, lora_model)
         loaded = [m for m in mm.current_loaded_models if m.model is lora_model]
         assert loaded and loaded[0].model.loaded_size() < lora_model.model_size(), "the model was loaded fully"
         # ComfyUI re-plans a partial load on each prompt; hold its plan so that what RASG
@@ -184,7 +184,13 @@ def test_rasg_with_partial_loading_and_lora(comfy, pack, patcher):
             again = rasg(comfy, pack, lora_model)
             assert_same_state(before, model_state(lora_model))
     mm.unload_all_models()
-    torch.testing.assert_close(partial, full, rtol=1e-6, atol=1e-6)
+    # A partly loaded model applies the LoRA layer by layer as it streams the weights, a fully
+    # loaded one has it merged: ComfyUI 0.3.75 gives the same numbers, 0.33.0 rounds them
+    # differently (seen: 3e-4 after RASG). So RASG's partial-vs-full gap may be as large as
+    # the plain sampler's own, a few times over (RASG's gradient step follows it), never more.
+    host_gap = (plain_partial - plain_full).abs().max().item()
+    tol = max(1e-6, 10 * host_gap)
+    torch.testing.assert_close(partial, full, rtol=1e-6, atol=tol)
     torch.testing.assert_close(again, partial, rtol=1e-6, atol=1e-6)
 
 
