@@ -20,9 +20,12 @@ Then optional clipping, Adam for both, EMA of the decoder (the exported file hol
 average). Every random draw of step ``s`` comes from generators seeded with ``(seed, s)``,
 so a resumed run continues exactly as an uninterrupted one.
 
-Multi-GPU: the decoder and discriminator are wrapped at one place (``_wrap``) and all
-single-process work (files, samples, logging) goes through ``is_main``, so a data-parallel
-wrapper can be added there; it is not implemented yet.
+Under ``torchrun`` (``distributed.py``) each process trains its shard of every global
+batch (each sample's draws a function of ``(seed, global sample number)``); the decoder is
+wrapped in DistributedDataParallel, the discriminator's and the log-variance's gradients
+are averaged over the ranks, the discriminator's BatchNorm and the adaptive GAN weight use
+the whole global batch, so N processes train as one process with N times the batch. Rank 0
+keeps the EMA, validates, writes samples, logs and saves.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from ..errors import CheckpointError, InputError, TrainingDivergedError
 from ..imaging import image_to_model, model_to_image
 from ..masks import MaskGenerator
 from ..runtime import Progress, report
+from . import distributed
 from .data import ImageSet
 from .decoder_augment import (PAPER_JITTER, PAPER_T_RANGE, check_t_range, draw_jitter, draw_timesteps,
                               jitter_batch, latent_augment)
@@ -55,11 +59,12 @@ from .plot import loss_curve_png, sample_grid_png
 from .schedule import learning_rate
 
 STATE_FORMAT = "asuka-decoder-training"
-STATE_VERSION = 1
+STATE_VERSION = 2   # 2: per-sample random draws (sharded under torchrun), world size stored
 FROM_VAE = "vae"
 """Start-decoder choice meaning: the SD VAE's own decoder plus a new condition branch."""
 FRESH_PREFIX = "condition_encoder."
-_RESUME_FIXED = ("batch_size", "grad_accum", "seed", "resolution", "holdout_seed", "hole_ratio", "jitter",
+# The batch size is checked as the global batch (batch size x processes), as for the aligner.
+_RESUME_FIXED = ("grad_accum", "seed", "resolution", "holdout_seed", "hole_ratio", "jitter",
                  "latent_aug_prob", "latent_aug_t", "disc_width", "disc_layers", "learn_logvar")
 
 Encode = Callable[[torch.Tensor], torch.Tensor]
@@ -236,8 +241,8 @@ def ldm_state_dict(decoder_state: Mapping[str, torch.Tensor]) -> dict[str, torch
 # ------------------------------------------------------------------------------ trainer
 
 def is_main() -> bool:
-    """Whether this process writes files, samples and logs (the only process for now)."""
-    return True
+    """Whether this process writes files, samples and logs (rank 0 under torchrun)."""
+    return distributed.current().is_main
 
 
 class DecoderTrainer:
@@ -248,7 +253,8 @@ class DecoderTrainer:
                  train_set: ImageSet, val_set: ImageSet, *, out_dir: str, device: torch.device | str = "cpu",
                  perceptual: nn.Module | None = None, fresh_prefixes: Sequence[str] = (),
                  object_masks=None, progress: Progress = None, log: Callable[[str], None] = print,
-                 export_name: str = "asuka_sd15_decoder.safetensors", metadata: dict | None = None):
+                 export_name: str = "asuka_sd15_decoder.safetensors", metadata: dict | None = None,
+                 dist: distributed.DistInfo | None = None):
         config.check()
         if len(train_set) == 0 or len(val_set) == 0:
             raise InputError("Training needs at least one training and one held-out image.")
@@ -268,6 +274,7 @@ class DecoderTrainer:
         self.frozen = frozen
         self.train_set, self.val_set = train_set, val_set
         self.device = torch.device(device)
+        self.dist = dist if dist is not None else distributed.current(self.device)
         self.out_dir = out_dir
         self.progress = progress
         self.log = log
@@ -278,7 +285,8 @@ class DecoderTrainer:
         if self.decoder.post_quant_conv is not None:       # SD's post-quant conv stays frozen (AVQ)
             self.decoder.post_quant_conv.requires_grad_(False)
         self.perceptual = perceptual.to(self.device).eval() if perceptual is not None else None
-        self.disc = PatchDiscriminator(3, config.disc_width, config.disc_layers, seed=config.seed).to(self.device)
+        self.disc = distributed.sync_batchnorm(
+            PatchDiscriminator(3, config.disc_width, config.disc_layers, seed=config.seed).to(self.device), self.dist)
         self.logvar = nn.Parameter(torch.zeros((), device=self.device), requires_grad=config.learn_logvar)
         self.model = self._wrap(self.decoder)
         self.disc_model = self._wrap(self.disc)
@@ -309,10 +317,17 @@ class DecoderTrainer:
         self._last_saved = -1
         self._eval_decoder: MaskedDecoder | None = None
 
-    @staticmethod
-    def _wrap(module: nn.Module) -> nn.Module:
-        """The one place a data-parallel wrapper would go (not implemented: one process)."""
-        return module
+    def _wrap(self, module: nn.Module) -> nn.Module:
+        """The decoder in DistributedDataParallel under torchrun (itself in one process).
+        The discriminator is not wrapped: its generator-side forward runs with its weights
+        frozen, so its gradients are averaged explicitly (``_average_side_gradients``)."""
+        return distributed.wrap(module, self.dist) if module is self.decoder else module
+
+    def _average_side_gradients(self, disc: bool) -> None:
+        distributed.average_gradients([self.logvar] + (list(self.disc.parameters()) if disc else []), self.dist)
+
+    def _global_mean(self, t: torch.Tensor) -> torch.Tensor:
+        return distributed.all_mean(t, self.dist)
 
     def _autocast(self):
         if self.config.precision == "fp32":
@@ -325,33 +340,50 @@ class DecoderTrainer:
             self.frozen.prepare()
 
     def _say(self, text: str) -> None:
-        if is_main():
+        if self.dist.is_main:
             self.log(text)
 
     # ---------------------------------------------------------------------- batches
 
+    @property
+    def global_batch(self) -> int:
+        return self.config.batch_size * self.dist.world_size
+
     def _micro_batch(self, step: int, micro: int) -> dict:
+        """This process's share of micro-batch ``micro`` of ``step``: the global samples
+        ``n`` of ``distributed.shard``, each drawn from ``(seed, n)`` alone (image, crop,
+        mask, jitter, augmentation flag, timestep and noise)."""
         cfg = self.config
-        b = cfg.batch_size
-        first = (step * cfg.grad_accum + micro) * b
-        rng = np.random.default_rng([cfg.seed, step, micro, 1])
-        picks = rng.integers(0, len(self.train_set), size=b)
-        images = torch.stack([self.train_set.sample(int(i), seed=rng_seed(cfg.seed, first + k))
-                              for k, i in enumerate(picks)])
-        masks = self.masks.batch(range(first, first + b))
-        jitters = [draw_jitter(rng, cfg.jitter) for _ in range(b)]
-        augment = torch.from_numpy(rng.random(b) < cfg.latent_aug_prob)
-        gen = torch.Generator().manual_seed(rng_seed(cfg.seed, step, micro, 2))
-        return {"images": images, "masks": masks, "jitters": jitters, "augment": augment, "gen": gen}
+        first = (step * cfg.grad_accum + micro) * self.global_batch
+        numbers = [first + k for k in distributed.shard(cfg.batch_size, self.dist)]
+        images, jitters, augment, gens = [], [], [], []
+        for n in numbers:
+            rng = np.random.default_rng([cfg.seed, n, 1])
+            pick = int(rng.integers(0, len(self.train_set)))
+            images.append(self.train_set.sample(pick, seed=rng_seed(cfg.seed, n)))
+            jitters.append(draw_jitter(rng, cfg.jitter))
+            augment.append(bool(rng.random() < cfg.latent_aug_prob))
+            gens.append(torch.Generator().manual_seed(rng_seed(cfg.seed, n, 2)))
+        return {"images": torch.stack(images), "masks": self.masks.batch(numbers), "jitters": jitters,
+                "augment": torch.tensor(augment, dtype=torch.bool), "gen": gens}
 
     @torch.no_grad()
     def corrupted_latents(self, images: torch.Tensor, jitters, augment: torch.Tensor,
-                          gen: torch.Generator) -> torch.Tensor:
+                          gen: torch.Generator | Sequence[torch.Generator]) -> torch.Tensor:
         """The decoder's input: the latent of the colour-jittered images, for the images
-        flagged in ``augment`` replaced by the UNet's one-step estimate."""
+        flagged in ``augment`` replaced by the UNet's one-step estimate. ``gen``: one
+        generator per image (timestep, then noise), or one for the whole batch."""
         z = self.frozen.encode(jitter_batch(images, jitters)).float().to(self.device)
-        t = draw_timesteps(gen, z.shape[0], self.config.latent_aug_t)
-        noise = torch.randn(z.shape, generator=gen).to(self.device)
+        if isinstance(gen, torch.Generator):
+            t = draw_timesteps(gen, z.shape[0], self.config.latent_aug_t)
+            noise = torch.randn(z.shape, generator=gen)
+        else:
+            t, noise = [], []
+            for g in gen:
+                t.append(draw_timesteps(g, 1, self.config.latent_aug_t))
+                noise.append(torch.randn((1,) + tuple(z.shape[1:]), generator=g))
+            t, noise = torch.cat(t), torch.cat(noise)
+        noise = noise.to(self.device)
         if bool(augment.any()):
             idx = torch.nonzero(augment).flatten().to(self.device)
             z_hat = latent_augment(z[idx], t[idx.cpu()], noise[idx], denoiser=self.frozen.denoiser,
@@ -422,23 +454,25 @@ class DecoderTrainer:
         for micro in range(cfg.grad_accum):
             mb = self._micro_batch(self.step, micro)
             z = self.corrupted_latents(mb["images"], mb["jitters"], mb["augment"], mb["gen"])
-            decoded, target = self._decode(self.model, z, mb["images"], mb["masks"])
-            nll, _ = reconstruction_nll(decoded, target, self.logvar, l1_weight=cfg.l1_weight,
-                                        lpips_weight=cfg.lpips_weight, perceptual=self._perceptual())
-            loss = nll
-            if gan:
-                self.disc.requires_grad_(False)
-                with self._autocast():
-                    g_loss = -self.disc_model(decoded).float().mean()
-                weight = adaptive_weight(nll, g_loss, last_layer, disc_weight=cfg.disc_weight)
-                loss = nll + weight * cfg.disc_factor * g_loss
-                self.disc.requires_grad_(True)
-            if not torch.isfinite(loss):
-                raise TrainingDivergedError(
-                    f"The loss became {loss.item()} at step {self.step}: lower the learning rate ({cfg.lr}) and "
-                    "resume from the last saved state.")
-            scaled = loss / cfg.grad_accum
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            with distributed.no_sync(self.model, skip=micro < cfg.grad_accum - 1):
+                decoded, target = self._decode(self.model, z, mb["images"], mb["masks"])
+                nll, _ = reconstruction_nll(decoded, target, self.logvar, l1_weight=cfg.l1_weight,
+                                            lpips_weight=cfg.lpips_weight, perceptual=self._perceptual())
+                loss = nll
+                if gan:
+                    self.disc.requires_grad_(False)
+                    with self._autocast():
+                        g_loss = -self.disc_model(decoded).float().mean()
+                    weight = adaptive_weight(nll, g_loss, last_layer, disc_weight=cfg.disc_weight,
+                                             reduce=self._global_mean)
+                    loss = nll + weight * cfg.disc_factor * g_loss
+                    self.disc.requires_grad_(True)
+                if not torch.isfinite(loss):
+                    raise TrainingDivergedError(
+                        f"The loss became {loss.item()} at step {self.step}: lower the learning rate ({cfg.lr}) "
+                        "and resume from the last saved state.")
+                scaled = loss / cfg.grad_accum
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             total += float(loss.detach()) / cfg.grad_accum
             if gan:
                 with self._autocast():
@@ -447,11 +481,14 @@ class DecoderTrainer:
                 d_scaled = d_loss / cfg.grad_accum
                 (self.disc_scaler.scale(d_scaled) if self.disc_scaler else d_scaled).backward()
                 d_total += float(d_loss.detach()) / cfg.grad_accum
+        self._average_side_gradients(disc=gan)
         self._optimiser_step(self.optimizer, self.scaler, [p for g in self.optimizer.param_groups for p in g["params"]])
         if gan:
             self._optimiser_step(self.disc_optimizer, self.disc_scaler, list(self.disc.parameters()))
-            self.history["d"].append((self.step, d_total))
-        self.ema.update(self.decoder)
+            self.history["d"].append((self.step, distributed.mean_over_ranks(d_total, self.dist)))
+        if self.dist.is_main:
+            self.ema.update(self.decoder)
+        total = distributed.mean_over_ranks(total, self.dist)
         self.history["train"].append((self.step, total))
         self.step += 1
         return total
@@ -505,7 +542,7 @@ class DecoderTrainer:
     def write_samples(self, name: str) -> Optional[str]:
         """Held-out images: the input with the hole in magenta, the current (EMA) decoder's
         output from the corrupted latent, the original."""
-        if not is_main():
+        if not self.dist.is_main:
             return None
         n = min(self.config.sample_count, len(self.val_set))
         decoder = self.ema_decoder()
@@ -534,7 +571,7 @@ class DecoderTrainer:
         return os.path.join(self.out_dir, self.export_name)
 
     def save_state(self, path: str | None = None) -> Optional[str]:
-        if not is_main():
+        if not self.dist.is_main:
             return None
         path = path or self.state_path
         cpu = lambda sd: {k: v.detach().cpu().clone() for k, v in sd.items()}  # noqa: E731
@@ -551,6 +588,7 @@ class DecoderTrainer:
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "disc_scaler": self.disc_scaler.state_dict() if self.disc_scaler else None,
             "history": json.dumps(self.history),
+            "world_size": self.dist.world_size,
         }
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = path + ".tmp"
@@ -574,6 +612,10 @@ class DecoderTrainer:
         saved = json.loads(state["config"])
         changed = [f"{k} {saved[k]} -> {getattr(self.config, k)}" for k in _RESUME_FIXED
                    if k in saved and _norm(saved[k]) != _norm(getattr(self.config, k))]
+        world = int(state.get("world_size", 1))
+        if "batch_size" in saved and saved["batch_size"] * world != self.global_batch:
+            changed.append(f"global batch (batch_size x processes) {saved['batch_size']} x {world} -> "
+                           f"{self.config.batch_size} x {self.dist.world_size}")
         if changed:
             raise InputError(
                 "These settings differ from the run being resumed, so it could not continue the same way: "
@@ -593,6 +635,9 @@ class DecoderTrainer:
         if self.disc_scaler and state.get("disc_scaler"):
             self.disc_scaler.load_state_dict(state["disc_scaler"])
         self.step = int(state["step"])
+        if int(state.get("version", 1)) < 2:
+            self._say("note: this state was written by an older version, which drew its batches differently; "
+                      "the run continues with the new draws (the weights and optimiser state are kept).")
         self.history = {k: [tuple(x) for x in v] for k, v in json.loads(state["history"]).items()}
         self._last_saved = self.step
 
@@ -601,7 +646,7 @@ class DecoderTrainer:
         original ldm layout: ``decoder.*`` with the condition branch as
         ``decoder.encoder.layers.N``, ``post_quant_conv.*``) that ASUKA_DecoderLoader loads
         as it is."""
-        if not is_main():
+        if not self.dist.is_main:
             return None
         path = path or self.export_path
         meta = {"asuka.decoder.family": "avq", "asuka.decoder.latent": "sd15",
@@ -622,7 +667,7 @@ class DecoderTrainer:
         return path
 
     def write_curve(self) -> Optional[str]:
-        if not is_main():
+        if not self.dist.is_main:
             return None
         path = os.path.join(self.out_dir, "loss.png")
         loss_curve_png(path, self.history["train"], self.history["val"])
@@ -635,9 +680,10 @@ class DecoderTrainer:
         export as configured. Interrupted (Cancel, Ctrl-C, an error), it saves the
         state first so the run can be resumed."""
         cfg = self.config
+        main = self.dist.is_main
         os.makedirs(self.out_dir, exist_ok=True)
         self.preflight()
-        if not self.history["val"] and cfg.val_every > 0:
+        if main and not self.history["val"] and cfg.val_every > 0:
             self._validate()
         log_path = os.path.join(self.out_dir, "log.jsonl")
         t0, start = time.time(), self.step
@@ -648,10 +694,12 @@ class DecoderTrainer:
                 rate = (time.time() - t0) / max(1, s - start)
                 lr = self.optimizer.param_groups[-1]["lr"]
                 gan = self.gan_active(s - 1)
-                if is_main():
-                    with open(log_path, "a", encoding="utf-8") as f:
-                        f.write(json.dumps({"step": s, "loss": loss, "d_loss": self.history["d"][-1][1] if gan else None,
-                                            "logvar": float(self.logvar.detach()), "lr": lr, "s_per_step": rate}) + "\n")
+                report(self.progress, s, cfg.steps)
+                if not main:   # rank 0 logs, validates, samples and saves; the others train on
+                    continue
+                with open(log_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"step": s, "loss": loss, "d_loss": self.history["d"][-1][1] if gan else None,
+                                        "logvar": float(self.logvar.detach()), "lr": lr, "s_per_step": rate}) + "\n")
                 if cfg.log_every and (s % cfg.log_every == 0 or s == cfg.steps):
                     self._say(f"step {s}/{cfg.steps} loss {loss:.5f}"
                               + (f" d {self.history['d'][-1][1]:.4f}" if gan else "")
@@ -664,18 +712,23 @@ class DecoderTrainer:
                     self.save_state()
                     self.export()
                     self.write_curve()
-                report(self.progress, s, cfg.steps)
         except BaseException:
             if self.step > start and self._last_saved != self.step:
                 self.save_state()
                 self._say(f"stopped at step {self.step}; state saved to {self.state_path} (resume with it)")
             raise
+        if not main:
+            distributed.barrier(self.dist)   # until rank 0 has written the results
+            return {"decoder": None, "state": None, "loss_curve": None, "samples": None, "steps": self.step,
+                    "train_loss": self.history["train"][-1][1] if self.history["train"] else None,
+                    "val_loss": None, "seconds": time.time() - t0}
         if cfg.val_every:
             self._validate()
         self.save_state()
         export = self.export()
         samples = self.write_samples(f"step_{self.step:06d}") if cfg.sample_count > 0 else None
         curve = self.write_curve()
+        distributed.barrier(self.dist)
         return {"decoder": export, "state": self.state_path, "loss_curve": curve, "samples": samples,
                 "steps": self.step, "train_loss": self.history["train"][-1][1] if self.history["train"] else None,
                 "val_loss": self.history["val"][-1][1] if self.history["val"] else None,
