@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -46,7 +45,7 @@ from ..decoder import KIND_AVQ, MaskedDecoder, load_decoder
 from ..errors import CheckpointError, InputError, TrainingDivergedError
 from ..imaging import image_to_model, model_to_image
 from ..masks import MaskGenerator
-from ..runtime import Progress, report
+from ..runtime import Progress
 from . import distributed
 from .data import ImageSet
 from .decoder_augment import (PAPER_JITTER, PAPER_T_RANGE, check_t_range, draw_jitter, draw_timesteps,
@@ -54,9 +53,10 @@ from .decoder_augment import (PAPER_JITTER, PAPER_T_RANGE, check_t_range, draw_j
 from .decoder_losses import PatchDiscriminator, adaptive_weight, hinge_d_loss, reconstruction_nll
 from .ema import EMA
 from .data import rng_seed
-from .loop import PRECISIONS, _norm
+from .loop import PRECISIONS
 from .plot import loss_curve_png, sample_grid_png
 from .schedule import learning_rate
+from .trainer_base import OLDER_DRAWS_NOTE, TrainerBase, read_state, refuse_changes, resume_changes, write_state
 
 STATE_FORMAT = "asuka-decoder-training"
 STATE_VERSION = 2   # 2: per-sample random draws (sharded under torchrun), world size stored
@@ -245,7 +245,7 @@ def is_main() -> bool:
     return distributed.current().is_main
 
 
-class DecoderTrainer:
+class DecoderTrainer(TrainerBase):
     """Fine-tunes an SD1.5 masked decoder. ``run()`` trains to ``config.steps``;
     ``resume(path)`` first restores a state written by ``save_state``."""
 
@@ -562,14 +562,6 @@ class DecoderTrainer:
 
     # ---------------------------------------------------------------------- files
 
-    @property
-    def state_path(self) -> str:
-        return os.path.join(self.out_dir, "training_state.pt")
-
-    @property
-    def export_path(self) -> str:
-        return os.path.join(self.out_dir, self.export_name)
-
     def save_state(self, path: str | None = None) -> Optional[str]:
         if not self.dist.is_main:
             return None
@@ -590,36 +582,15 @@ class DecoderTrainer:
             "history": json.dumps(self.history),
             "world_size": self.dist.world_size,
         }
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = path + ".tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        write_state(path, state)
         self._last_saved = self.step
         return path
 
     def resume(self, path: str | None = None) -> None:
         """Restore a state written by ``save_state`` (``torch.load(weights_only=True)``:
         no code from the file runs)."""
-        path = path or self.state_path
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise InputError(f"No training state at '{path}' to resume from.") from None
-        except Exception as e:
-            raise CheckpointError(f"Could not read the training state '{path}': {e}") from None
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise CheckpointError(f"'{path}' is not an ASUKA decoder training state.")
-        saved = json.loads(state["config"])
-        changed = [f"{k} {saved[k]} -> {getattr(self.config, k)}" for k in _RESUME_FIXED
-                   if k in saved and _norm(saved[k]) != _norm(getattr(self.config, k))]
-        world = int(state.get("world_size", 1))
-        if "batch_size" in saved and saved["batch_size"] * world != self.global_batch:
-            changed.append(f"global batch (batch_size x processes) {saved['batch_size']} x {world} -> "
-                           f"{self.config.batch_size} x {self.dist.world_size}")
-        if changed:
-            raise InputError(
-                "These settings differ from the run being resumed, so it could not continue the same way: "
-                + ", ".join(changed) + ". Use the original values (or start a new run in a new folder).")
+        state = read_state(path or self.state_path, STATE_FORMAT, "decoder")
+        refuse_changes(resume_changes(state, self.config, _RESUME_FIXED, self.global_batch, self.dist.world_size))
         if json.loads(state["decoder_config"]) != json.loads(json.dumps(asdict(self.decoder.config))):
             raise InputError("The start decoder has another architecture than the run being resumed; resume with "
                              "the same start decoder.")
@@ -636,8 +607,7 @@ class DecoderTrainer:
             self.disc_scaler.load_state_dict(state["disc_scaler"])
         self.step = int(state["step"])
         if int(state.get("version", 1)) < 2:
-            self._say("note: this state was written by an older version, which drew its batches differently; "
-                      "the run continues with the new draws (the weights and optimiser state are kept).")
+            self._say(OLDER_DRAWS_NOTE)
         self.history = {k: [tuple(x) for x in v] for k, v in json.loads(state["history"]).items()}
         self._last_saved = self.step
 
@@ -675,64 +645,20 @@ class DecoderTrainer:
 
     # ---------------------------------------------------------------------- run
 
-    def run(self) -> dict:
-        """Train from the current step to ``config.steps``; validate, save, sample and
-        export as configured. Interrupted (Cancel, Ctrl-C, an error), it saves the
-        state first so the run can be resumed."""
-        cfg = self.config
-        main = self.dist.is_main
-        os.makedirs(self.out_dir, exist_ok=True)
-        self.preflight()
-        if main and not self.history["val"] and cfg.val_every > 0:
-            self._validate()
-        log_path = os.path.join(self.out_dir, "log.jsonl")
-        t0, start = time.time(), self.step
-        try:
-            while self.step < cfg.steps:
-                loss = self.train_step()
-                s = self.step
-                rate = (time.time() - t0) / max(1, s - start)
-                lr = self.optimizer.param_groups[-1]["lr"]
-                gan = self.gan_active(s - 1)
-                report(self.progress, s, cfg.steps)
-                if not main:   # rank 0 logs, validates, samples and saves; the others train on
-                    continue
-                with open(log_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"step": s, "loss": loss, "d_loss": self.history["d"][-1][1] if gan else None,
-                                        "logvar": float(self.logvar.detach()), "lr": lr, "s_per_step": rate}) + "\n")
-                if cfg.log_every and (s % cfg.log_every == 0 or s == cfg.steps):
-                    self._say(f"step {s}/{cfg.steps} loss {loss:.5f}"
-                              + (f" d {self.history['d'][-1][1]:.4f}" if gan else "")
-                              + f" lr {lr:.3g} ({rate:.2f} s/step)")
-                if cfg.val_every and s % cfg.val_every == 0 and s != cfg.steps:
-                    self._validate()
-                if cfg.sample_every and s % cfg.sample_every == 0 and s != cfg.steps:
-                    self.write_samples(f"step_{s:06d}")
-                if cfg.save_every and s % cfg.save_every == 0:
-                    self.save_state()
-                    self.export()
-                    self.write_curve()
-        except BaseException:
-            if self.step > start and self._last_saved != self.step:
-                self.save_state()
-                self._say(f"stopped at step {self.step}; state saved to {self.state_path} (resume with it)")
-            raise
-        if not main:
-            distributed.barrier(self.dist)   # until rank 0 has written the results
-            return {"decoder": None, "state": None, "loss_curve": None, "samples": None, "steps": self.step,
-                    "train_loss": self.history["train"][-1][1] if self.history["train"] else None,
-                    "val_loss": None, "seconds": time.time() - t0}
-        if cfg.val_every:
-            self._validate()
-        self.save_state()
-        export = self.export()
-        samples = self.write_samples(f"step_{self.step:06d}") if cfg.sample_count > 0 else None
-        curve = self.write_curve()
-        distributed.barrier(self.dist)
-        return {"decoder": export, "state": self.state_path, "loss_curve": curve, "samples": samples,
-                "steps": self.step, "train_loss": self.history["train"][-1][1] if self.history["train"] else None,
-                "val_loss": self.history["val"][-1][1] if self.history["val"] else None,
-                "seconds": time.time() - t0}
+    result_key = "decoder"
+
+    def _log_record(self, step: int, loss: float, rate: float) -> dict:
+        gan = self.gan_active(step - 1)
+        return {"step": step, "loss": loss, "d_loss": self.history["d"][-1][1] if gan else None,
+                "logvar": float(self.logvar.detach()), "lr": self.optimizer.param_groups[-1]["lr"], "s_per_step": rate}
+
+    def _log_line(self, step: int, loss: float, rate: float) -> str:
+        return (f"step {step}/{self.config.steps} loss {loss:.5f}"
+                + (f" d {self.history['d'][-1][1]:.4f}" if self.gan_active(step - 1) else "")
+                + f" lr {self.optimizer.param_groups[-1]['lr']:.3g} ({rate:.2f} s/step)")
+
+    def _final_samples(self):
+        return self.write_samples(f"step_{self.step:06d}") if self.config.sample_count > 0 else None
 
     def _validate(self) -> float:
         v = self.validation_loss()
