@@ -3,8 +3,9 @@ a single process with the same global batch, with the patch-GAN on from the firs
 both optimisers, the discriminator's BatchNorm and the adaptive weight are covered): the
 same averaged gradients, losses and weights; the run resumes on another number of processes.
 
-The frozen side is a tiny pure-PyTorch stand-in (no ComfyUI): a fixed strided convolution
-as the VAE encoder and a small fixed epsilon model for the latent augmentation. This file
+The frozen side is test_decoder_training's tiny pure-PyTorch stand-in (no ComfyUI): a fixed
+strided convolution as the VAE encoder and a small fixed epsilon model for the latent
+augmentation. This file
 is also the torchrun worker (``python -m torch.distributed.run ... FILE OUT PHOTOS STEPS``).
 """
 
@@ -16,14 +17,13 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from tests.fixtures import decoder_files, tiny_sd  # noqa: E402
+from tests.unit.test_decoder_training import frozen  # noqa: E402  (fixed tiny encoder and UNet stand-ins)
 from tests.unit.test_training_ddp import run_torchrun  # noqa: E402
 
 RES, PER_RANK, ACCUM, LR = 64, 2, 2, 1e-3
@@ -61,29 +61,6 @@ def gradients(tr) -> dict:
     return out
 
 
-class TinyEps(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(4)
-        self.conv = nn.Conv2d(9, 4, 3, padding=1)
-        self.requires_grad_(False)
-
-    def forward(self, x, sigma, context, masked_latent, mask):
-        m = F.interpolate(mask[:, None].float(), size=x.shape[-2:])
-        return self.conv(torch.cat([x / (sigma.view(-1, 1, 1, 1) ** 2 + 1).sqrt(), m, masked_latent], 1))
-
-
-def tiny_frozen():
-    from asuka_core.training import DecoderFrozen
-
-    torch.manual_seed(3)
-    conv = nn.Conv2d(3, 4, 8, stride=8).requires_grad_(False)
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-    abar = torch.cumprod(1 - betas, 0)
-    return DecoderFrozen(encode=lambda img: conv(img.movedim(-1, 1) * 2 - 1), denoiser=TinyEps(),
-                         sigmas=((1 - abar) / abar).sqrt().float(), context=torch.zeros(1, 77, 768))
-
-
 def trainer(photos, out, *, batch_size, steps, dist=None):
     from asuka_core.training import DecoderTrainConfig, DecoderTrainer, image_sets, start_decoder
 
@@ -93,7 +70,7 @@ def trainer(photos, out, *, batch_size, steps, dist=None):
                              ema_decay=0.9)
     train, val = image_sets(photos, RES, holdout=0.25)
     decoder = start_decoder(decoder_files.avq_ldm_state_dict(31, z_channels=4, ch=32, num_res_blocks=1))
-    return DecoderTrainer(cfg, tiny_frozen(), decoder, train, val, out_dir=str(out), log=lambda s: None,
+    return DecoderTrainer(cfg, frozen(), decoder, train, val, out_dir=str(out), log=lambda s: None,
                           dist=dist)
 
 
