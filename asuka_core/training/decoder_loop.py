@@ -44,7 +44,6 @@ from .. import checkpoint as ckpt_mod
 from ..decoder import KIND_AVQ, MaskedDecoder, load_decoder
 from ..errors import CheckpointError, InputError, TrainingDivergedError
 from ..imaging import image_to_model, model_to_image
-from ..masks import MaskGenerator
 from ..runtime import Progress
 from . import distributed
 from .data import ImageSet
@@ -270,16 +269,9 @@ class DecoderTrainer(TrainerBase):
             problem = check_t_range(config.latent_aug_t, len(frozen.sigmas))
             if problem:
                 raise InputError(f"Decoder training settings: {problem}.")
-        self.config = config
+        self._init_common(config, train_set, val_set, device=device, dist=dist, out_dir=out_dir, progress=progress,
+                          log=log, export_name=export_name, metadata=metadata)
         self.frozen = frozen
-        self.train_set, self.val_set = train_set, val_set
-        self.device = torch.device(device)
-        self.dist = dist if dist is not None else distributed.current(self.device)
-        self.out_dir = out_dir
-        self.progress = progress
-        self.log = log
-        self.export_name = export_name
-        self.metadata = dict(metadata or {})
         self.decoder = decoder.to(self.device).float().train()
         self.decoder.requires_grad_(True)
         if self.decoder.post_quant_conv is not None:       # SD's post-quant conv stays frozen (AVQ)
@@ -290,11 +282,7 @@ class DecoderTrainer(TrainerBase):
         self.logvar = nn.Parameter(torch.zeros((), device=self.device), requires_grad=config.learn_logvar)
         self.model = self._wrap(self.decoder)
         self.disc_model = self._wrap(self.disc)
-        res = config.resolution
-        self.masks = MaskGenerator(res, seed=config.seed, hole_ratio=tuple(config.hole_ratio),
-                                   object_masks=object_masks)
-        self.val_masks = MaskGenerator(res, seed=config.seed + 1, hole_ratio=tuple(config.hole_ratio),
-                                       object_masks=self.masks.object_masks or None)
+        self._make_masks(object_masks)
         fresh, old = [], []
         for name, p in self.decoder.named_parameters():
             if p.requires_grad:
@@ -328,12 +316,6 @@ class DecoderTrainer(TrainerBase):
 
     def _global_mean(self, t: torch.Tensor) -> torch.Tensor:
         return distributed.all_mean(t, self.dist)
-
-    def _autocast(self):
-        if self.config.precision == "fp32":
-            return torch.autocast(self.device.type, enabled=False)
-        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
 
     def _prepare(self) -> None:
         if self.frozen.prepare is not None:

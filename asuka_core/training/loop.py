@@ -41,7 +41,6 @@ from torch import nn
 from ..aligner import MAE_WIDTH, TARGET_FLUX_CLIP, TARGET_SD15, TARGET_WIDTHS, Aligner, load_aligner, save_aligner
 from ..errors import CheckpointError, InputError, TrainingDivergedError
 from ..mae import preprocess
-from ..masks import MaskGenerator
 from ..runtime import Progress
 from . import distributed
 from .data import BatchMaker, BatchStream, ImageSet, rng_seed
@@ -207,25 +206,15 @@ class AlignerTrainer(TrainerBase):
         config.check()
         if len(train_set) == 0 or len(val_set) == 0:
             raise InputError("Training needs at least one training and one held-out image.")
-        self.config = config
+        self._init_common(config, train_set, val_set, device=device, dist=dist, out_dir=out_dir, progress=progress,
+                          log=log, export_name=export_name, metadata=metadata)
         self.models = models
-        self.train_set, self.val_set = train_set, val_set
-        self.device = torch.device(device)
-        self.dist = dist if dist is not None else distributed.current(self.device)
-        self.out_dir = out_dir
-        self.progress = progress
-        self.log = log
-        self.export_name = export_name
-        self.metadata = dict(metadata or {})
         self.aligner = (aligner if aligner is not None else new_aligner(config.seed)).to(self.device).float()
         self.aligner.requires_grad_(True).train()
         if self.aligner.target != TARGET_SD15:
             raise CheckpointError(f"Can only train an SD1.5 aligner (target sd15); got {self.aligner}.")
         res = config.resolution
-        self.masks = MaskGenerator(res, seed=config.seed, hole_ratio=tuple(config.hole_ratio),
-                                   object_masks=object_masks)
-        self.val_masks = MaskGenerator(res, seed=config.seed + 1, hole_ratio=tuple(config.hole_ratio),
-                                       object_masks=self.masks.object_masks or None)
+        self._make_masks(object_masks)
         self.batches = BatchMaker(train_set, self.masks, config.batch_size, config.grad_accum, config.seed,
                                   len(models.sigmas), (models.latent_channels, res // 8, res // 8),
                                   config.p_start, config.p_end, config.p_steps, self.dist)
@@ -249,12 +238,6 @@ class AlignerTrainer(TrainerBase):
         for the batch, "backward", "optimizer"; forward passes are timed by the caller)."""
 
     # ---------------------------------------------------------------------- batches
-
-    def _autocast(self):
-        if self.config.precision == "fp32":
-            return torch.autocast(self.device.type, enabled=False)
-        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
 
     @torch.no_grad()
     def _prior(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

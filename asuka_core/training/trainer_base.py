@@ -17,6 +17,7 @@ import time
 import torch
 
 from ..errors import CheckpointError, InputError
+from ..masks import MaskGenerator
 from ..runtime import report
 from . import distributed
 
@@ -77,6 +78,32 @@ class TrainerBase:
     """Files and run loop shared by the trainers (see the module docstring)."""
 
     result_key = "model"       # the exported file's key in ``run()``'s result
+
+    def _init_common(self, config, train_set, val_set, *, device, dist, out_dir, progress, log, export_name,
+                     metadata) -> None:
+        self.config = config
+        self.train_set, self.val_set = train_set, val_set
+        self.device = torch.device(device)
+        self.dist = dist if dist is not None else distributed.current(self.device)
+        self.out_dir = out_dir
+        self.progress = progress
+        self.log = log
+        self.export_name = export_name
+        self.metadata = dict(metadata or {})
+
+    def _make_masks(self, object_masks) -> None:
+        """``masks`` for training (seed) and ``val_masks`` for the held-out images (seed + 1)."""
+        cfg = self.config
+        self.masks = MaskGenerator(cfg.resolution, seed=cfg.seed, hole_ratio=tuple(cfg.hole_ratio),
+                                   object_masks=object_masks)
+        self.val_masks = MaskGenerator(cfg.resolution, seed=cfg.seed + 1, hole_ratio=tuple(cfg.hole_ratio),
+                                       object_masks=self.masks.object_masks or None)
+
+    def _autocast(self):
+        if self.config.precision == "fp32":
+            return torch.autocast(self.device.type, enabled=False)
+        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
 
     @property
     def state_path(self) -> str:
