@@ -162,9 +162,18 @@ def all_mean(tensor: torch.Tensor, info: DistInfo = SINGLE) -> torch.Tensor:
     itself in a single process)."""
     if not info.distributed:
         return tensor
+    return _differentiable_sum(tensor) / info.world_size
+
+
+def _differentiable_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of ``tensor`` over the ranks; gradients flow back to every rank's input."""
+    import warnings
+
     from torch.distributed.nn.functional import all_reduce
 
-    return all_reduce(tensor) / info.world_size
+    with warnings.catch_warnings():   # still the autograd-aware all-reduce in this PyTorch; deprecated name only
+        warnings.simplefilter("ignore", FutureWarning)
+        return all_reduce(tensor)
 
 
 def average_gradients(params, info: DistInfo = SINGLE) -> None:
@@ -198,10 +207,7 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         if not (self.training and self.info.distributed):
             return super().forward(x)
         count = torch.tensor([float(x.numel() // x.shape[1])], dtype=x.dtype, device=x.device)
-        stats = torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count])
-        from torch.distributed.nn.functional import all_reduce
-
-        stats = all_reduce(stats)
+        stats = _differentiable_sum(torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count]))
         c = x.shape[1]
         n = stats[-1]
         mean = stats[:c] / n
