@@ -27,20 +27,18 @@ Aligner as it is), ``training_state.pt`` (resume with ``--resume``), ``loss.png`
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import os
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACK = "comfyui_asuka"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train_cli  # noqa: E402  (ComfyUI set-up shared with train_decoder.py)
+from train_cli import REPO, import_comfy, pack_module, pin_gpu_per_process, resolve  # noqa: E402,F401
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--comfy", default=os.environ.get("ASUKA_COMFY_DIR", os.path.join(REPO, ".host", "ComfyUI")),
-                   help="ComfyUI folder")
+    train_cli.add_common_args(p)
     p.add_argument("--checkpoint", required=True, help="SD1.5 inpainting checkpoint (path or name)")
     p.add_argument("--mae", required=True, help="ASUKA MAE file, e.g. mae_300.pth (path or name in models/asuka)")
     p.add_argument("--images", required=True, help="folder of training photos (sub-folders included)")
@@ -92,91 +90,18 @@ def default_workers() -> int:
     return max(0, min(4, per_process - 1)) if sys.platform.startswith("linux") else 0
 
 
-def pin_gpu_per_process() -> None:
-    """Under torchrun with several processes, let each see only its own GPU (the
-    LOCAL_RANK-th visible one) before CUDA starts, so ComfyUI's model management puts
-    that process's models there as ``cuda:0``."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "LOCAL_RANK" not in os.environ:
-        return
-    local = int(os.environ["LOCAL_RANK"])
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = [v for v in visible.split(",") if v.strip()] if visible else [str(i) for i in range(64)]
-    if local < len(ids):
-        os.environ["CUDA_VISIBLE_DEVICES"] = ids[local]
-
-
-def import_comfy(comfy_dir: str, cpu: bool):
-    if not os.path.isfile(os.path.join(comfy_dir, "main.py")):
-        sys.exit(f"error: '{comfy_dir}' is not a ComfyUI folder (no main.py); pass --comfy")
-    sys.path.insert(0, comfy_dir)  # first: ComfyUI's `nodes` module must win over this pack's package
-    import comfy.cli_args
-
-    if cpu:
-        comfy.cli_args.args.cpu = True
-    comfy.cli_args.args.use_pytorch_cross_attention = True
-    import comfy.model_management  # noqa: F401
-    import comfy.sd  # noqa: F401
-
-
-def pack_module(name: str):
-    """Import a module of this pack as ComfyUI does (the repository as one package)."""
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, os.path.join(REPO, "__init__.py"),
-                                                      submodule_search_locations=[REPO])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = module
-        spec.loader.exec_module(module)
-    return importlib.import_module(f"{PACK}.{name}")
-
-
-def resolve(value: str, folder: str, what: str, errors) -> str:
-    if os.path.isfile(value):
-        return value
-    import folder_paths
-
-    if folder == "asuka" and folder not in folder_paths.folder_names_and_paths:
-        pack_module("nodes.common").register_model_folder()
-    path = folder_paths.get_full_path(folder, value)
-    if path is None:
-        raise errors.InputError(f"{what} '{value}' is neither a file nor a name in ComfyUI's models/{folder}.")
-    return path
-
-
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if not args.cpu:
-        pin_gpu_per_process()
-    import torch
-
-    cpu = args.cpu or not (torch.cuda.is_available() or getattr(torch.backends, "mps", None)
-                           and torch.backends.mps.is_available())
-    import_comfy(os.path.abspath(args.comfy), cpu)
-    errors = pack_module("asuka_core.errors")
-    try:
-        return run(args, errors)
-    except errors.AsukaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; continue with the same command plus --resume", file=sys.stderr)
-        return 130
+    return train_cli.main(parse_args(argv), run)
 
 
 def run(args, errors) -> int:
     import torch
 
-    import comfy.model_management as mm
-    import comfy.sd
-
     training = pack_module("asuka_core.training")
     glue = pack_module("nodes.training_glue")
     mae_mod = pack_module("asuka_core.mae")
 
-    dist = training.distributed.init_from_env(mm.get_torch_device())
-    device = dist.device
-    say = print if dist.is_main else (lambda *a, **k: None)
-    precision = args.precision or ("fp32" if device.type == "cpu" else
-                                   "bf16" if mm.should_use_bf16(device, prioritize_performance=False) else "fp16")
+    dist, device, precision, say = train_cli.setup(args)
     cfg = training.TrainConfig(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup,
         lr_final=args.lr_final, weight_decay=args.weight_decay, ema_decay=args.ema_decay,
@@ -194,15 +119,7 @@ def run(args, errors) -> int:
     mae_path = resolve(args.mae, "asuka", "MAE file", errors)
     mae_dtype = torch.float32 if device.type == "cpu" else (torch.bfloat16 if precision == "bf16" else torch.float16)
     mae = mae_mod.load_mae(mae_path, dtype=mae_dtype, device=device)
-    try:
-        model, _, vae, _ = comfy.sd.load_checkpoint_guess_config(ckpt_path, output_vae=True, output_clip=False,
-                                                                 embedding_directory=None)
-    except RuntimeError as e:
-        raise errors.CheckpointError(
-            f"ComfyUI could not load '{ckpt_path}' as a checkpoint ({str(e).splitlines()[0]}). Give an SD1.5 "
-            "inpainting checkpoint (.safetensors or .ckpt with UNet, VAE).") from None
-    if vae is None:
-        raise errors.CheckpointError(f"'{ckpt_path}' has no VAE; use a full SD1.5 inpainting checkpoint.")
+    model, _, vae, _ = train_cli.load_checkpoint(ckpt_path, errors, output_clip=False)
     glue.check_inpainting_model(model, vae, name=f"'{os.path.basename(ckpt_path)}'")
     memory = glue.training_memory(args.batch_size, args.resolution, precision=precision,
                                   gradient_checkpointing=not args.no_gradient_checkpointing)
@@ -219,15 +136,9 @@ def run(args, errors) -> int:
         cfg, models, train_set, val_set, out_dir=args.out, device=device, aligner=aligner,
         object_masks=args.object_masks, export_name=args.name + ".safetensors",
         log=lambda s: print(s, flush=True), metadata=meta, dist=dist)
-    if args.resume:
-        trainer.resume()
-        say(f"resumed at step {trainer.step}", flush=True)
-    elif os.path.exists(trainer.state_path):
-        raise errors.InputError(f"'{args.out}' already holds a run (training_state.pt). Add --resume to continue "
-                                "it, or choose another --out folder.")
+    train_cli.resume_or_refuse(trainer, args, errors, say)
     say(f"training on {device} ({precision}, masks: {trainer.masks.object_source}, {trainer.stream.workers} data "
-        f"workers" + (f", {dist.world_size} processes, global batch {trainer.batches.global_batch}"
-                      if dist.distributed else "") + ")", flush=True)
+        f"workers" + train_cli.processes_note(dist, trainer.batches.global_batch) + ")", flush=True)
     try:
         with glue.training_mode():
             result = trainer.run()

@@ -8,7 +8,11 @@ Run it inside the pack's host environment, which has ComfyUI importable::
         --alexnet-weights alexnet-owt-7be5be79.pth --images ~/photos --out runs/my-decoder
 
 or, with another ComfyUI install, with its Python:
-``python scripts/train_decoder.py --comfy /path/to/ComfyUI ...``.
+``python scripts/train_decoder.py --comfy /path/to/ComfyUI ...``. On several GPUs of one
+machine, start it with PyTorch's launcher (one process per GPU, gradients averaged; the
+global batch is ``N x --batch-size``)::
+
+    torchrun --nproc-per-node N scripts/train_decoder.py --checkpoint ... --out runs/my-decoder
 
 ``--checkpoint`` (a path or a name in models/checkpoints) gives the frozen VAE encoder and,
 for the latent augmentation, the inpainting UNet; ``--decoder`` is the start decoder (a
@@ -27,14 +31,14 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_aligner import REPO, import_comfy, pack_module, resolve  # noqa: E402  (same ComfyUI set-up)
+import train_cli  # noqa: E402  (ComfyUI set-up shared with train_aligner.py)
+from train_cli import pack_module, resolve  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--comfy", default=os.environ.get("ASUKA_COMFY_DIR", os.path.join(REPO, ".host", "ComfyUI")),
-                   help="ComfyUI folder")
+    train_cli.add_common_args(p)
     p.add_argument("--checkpoint", required=True, help="SD1.5 inpainting checkpoint (path or name): VAE and UNet")
     p.add_argument("--decoder", default="vae", help="start decoder: a path or a name in models/asuka "
                    "(Asymmetric VQGAN base / x1.5 / x2), or 'vae' (the VAE decoder + a new condition branch)")
@@ -82,34 +86,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    import torch
-
-    cpu = args.cpu or not (torch.cuda.is_available() or getattr(torch.backends, "mps", None)
-                           and torch.backends.mps.is_available())
-    import_comfy(os.path.abspath(args.comfy), cpu)
-    errors = pack_module("asuka_core.errors")
-    try:
-        return run(args, errors)
-    except errors.AsukaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; continue with the same command plus --resume", file=sys.stderr)
-        return 130
+    return train_cli.main(parse_args(argv), run)
 
 
 def run(args, errors) -> int:
-    import comfy.model_management as mm
-    import comfy.sd
-
     training = pack_module("asuka_core.training")
     glue = pack_module("nodes.training_glue")
     node = pack_module("nodes.decoder_training")
 
-    device = mm.get_torch_device()
-    precision = args.precision or ("fp32" if device.type == "cpu" else
-                                   "bf16" if mm.should_use_bf16(device, prioritize_performance=False) else "fp16")
+    dist, device, precision, say = train_cli.setup(args)
     cfg = training.DecoderTrainConfig(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup,
         lr_final=args.lr_final, pretrained_lr_scale=args.pretrained_lr_scale, ema_decay=args.ema_decay,
@@ -122,19 +107,14 @@ def run(args, errors) -> int:
     cfg.check()
     # everything is checked before the first step: data, LPIPS files, checkpoint, start decoder
     train_set, val_set = training.image_sets(args.images, args.resolution, holdout=args.holdout, seed=args.seed)
-    print(f"{len(train_set)} training images, {len(val_set)} held out, {args.resolution} px", flush=True)
+    say(f"{len(train_set)} training images, {len(val_set)} held out, {args.resolution} px", flush=True)
     perceptual = node.perceptual_net(args.lpips_weight, args.lpips_weights, args.alexnet_weights)
     ckpt_path = resolve(args.checkpoint, "checkpoints", "Checkpoint", errors)
     aug = args.latent_aug_prob > 0
-    try:
-        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
-            ckpt_path, output_vae=True, output_clip=aug, output_model=aug, embedding_directory=None)
-    except RuntimeError as e:
-        raise errors.CheckpointError(
-            f"ComfyUI could not load '{ckpt_path}' as a checkpoint ({str(e).splitlines()[0]}). Give an SD1.5 "
-            "inpainting checkpoint (.safetensors or .ckpt with UNet, VAE).") from None
-    if vae is None:
-        raise errors.CheckpointError(f"'{ckpt_path}' has no VAE; use a full SD1.5 inpainting checkpoint.")
+    model, clip, vae, _ = train_cli.load_checkpoint(ckpt_path, errors, output_clip=aug, output_model=aug)
+    meta = {"asuka.training.base_model": os.path.basename(ckpt_path)}
+    if dist.distributed:
+        meta["asuka.training.processes"] = str(dist.world_size)
     with glue.training_mode():
         decoder, fresh, start = node.build_start_decoder(
             args.decoder, vae, lambda v: resolve(v, "asuka", "Start decoder", errors), seed=args.seed)
@@ -142,18 +122,17 @@ def run(args, errors) -> int:
         trainer = training.DecoderTrainer(
             cfg, frozen, decoder, train_set, val_set, out_dir=args.out, device=device, perceptual=perceptual,
             fresh_prefixes=fresh, object_masks=args.object_masks, export_name=args.name + ".safetensors",
-            log=lambda s: print(s, flush=True),
-            metadata={"asuka.training.base_model": os.path.basename(ckpt_path),
-                      "asuka.training.start_decoder": start})
-        if args.resume:
-            trainer.resume()
-            print(f"resumed at step {trainer.step}", flush=True)
-        elif os.path.exists(trainer.state_path):
-            raise errors.InputError(f"'{args.out}' already holds a run (training_state.pt). Add --resume to "
-                                    "continue it, or choose another --out folder.")
-        print(f"training {start} on {device} ({precision}, masks: {trainer.masks.object_source}"
-              + (f", {note}" if note else "") + ")", flush=True)
-        result = trainer.run()
+            log=lambda s: print(s, flush=True), metadata={**meta, "asuka.training.start_decoder": start},
+            dist=dist)
+        train_cli.resume_or_refuse(trainer, args, errors, say)
+        say(f"training {start} on {device} ({precision}, masks: {trainer.masks.object_source}"
+            + (f", {note}" if note else "") + train_cli.processes_note(dist, trainer.global_batch) + ")", flush=True)
+        try:
+            result = trainer.run()
+        finally:
+            training.distributed.shutdown(dist)
+    if not dist.is_main:
+        return 0
     print(f"done: {result['decoder']} (step {result['steps']}, held-out loss {result['val_loss']})", flush=True)
     print("copy it into ComfyUI/models/asuka/ and pick it in Load ASUKA Masked Decoder; curve: "
           f"{result['loss_curve']}")

@@ -20,9 +20,12 @@ Then optional clipping, Adam for both, EMA of the decoder (the exported file hol
 average). Every random draw of step ``s`` comes from generators seeded with ``(seed, s)``,
 so a resumed run continues exactly as an uninterrupted one.
 
-Multi-GPU: the decoder and discriminator are wrapped at one place (``_wrap``) and all
-single-process work (files, samples, logging) goes through ``is_main``, so a data-parallel
-wrapper can be added there; it is not implemented yet.
+Under ``torchrun`` (``distributed.py``) each process trains its shard of every global
+batch (each sample's draws a function of ``(seed, global sample number)``); the decoder is
+wrapped in DistributedDataParallel, the discriminator's and the log-variance's gradients
+are averaged over the ranks, the discriminator's BatchNorm and the adaptive GAN weight use
+the whole global batch, so N processes train as one process with N times the batch. Rank 0
+keeps the EMA, validates, writes samples, logs and saves.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -42,24 +44,26 @@ from .. import checkpoint as ckpt_mod
 from ..decoder import KIND_AVQ, MaskedDecoder, load_decoder
 from ..errors import CheckpointError, InputError, TrainingDivergedError
 from ..imaging import image_to_model, model_to_image
-from ..masks import MaskGenerator
-from ..runtime import Progress, report
+from ..runtime import Progress
+from . import distributed
 from .data import ImageSet
 from .decoder_augment import (PAPER_JITTER, PAPER_T_RANGE, check_t_range, draw_jitter, draw_timesteps,
                               jitter_batch, latent_augment)
 from .decoder_losses import PatchDiscriminator, adaptive_weight, hinge_d_loss, reconstruction_nll
 from .ema import EMA
 from .data import rng_seed
-from .loop import PRECISIONS, _norm
+from .loop import PRECISIONS
 from .plot import loss_curve_png, sample_grid_png
 from .schedule import learning_rate
+from .trainer_base import OLDER_DRAWS_NOTE, TrainerBase, read_state, refuse_changes, resume_changes, write_state
 
 STATE_FORMAT = "asuka-decoder-training"
-STATE_VERSION = 1
+STATE_VERSION = 2   # 2: per-sample random draws (sharded under torchrun), world size stored
 FROM_VAE = "vae"
 """Start-decoder choice meaning: the SD VAE's own decoder plus a new condition branch."""
 FRESH_PREFIX = "condition_encoder."
-_RESUME_FIXED = ("batch_size", "grad_accum", "seed", "resolution", "holdout_seed", "hole_ratio", "jitter",
+# The batch size is checked as the global batch (batch size x processes), as for the aligner.
+_RESUME_FIXED = ("grad_accum", "seed", "resolution", "holdout_seed", "hole_ratio", "jitter",
                  "latent_aug_prob", "latent_aug_t", "disc_width", "disc_layers", "learn_logvar")
 
 Encode = Callable[[torch.Tensor], torch.Tensor]
@@ -236,11 +240,11 @@ def ldm_state_dict(decoder_state: Mapping[str, torch.Tensor]) -> dict[str, torch
 # ------------------------------------------------------------------------------ trainer
 
 def is_main() -> bool:
-    """Whether this process writes files, samples and logs (the only process for now)."""
-    return True
+    """Whether this process writes files, samples and logs (rank 0 under torchrun)."""
+    return distributed.current().is_main
 
 
-class DecoderTrainer:
+class DecoderTrainer(TrainerBase):
     """Fine-tunes an SD1.5 masked decoder. ``run()`` trains to ``config.steps``;
     ``resume(path)`` first restores a state written by ``save_state``."""
 
@@ -248,7 +252,8 @@ class DecoderTrainer:
                  train_set: ImageSet, val_set: ImageSet, *, out_dir: str, device: torch.device | str = "cpu",
                  perceptual: nn.Module | None = None, fresh_prefixes: Sequence[str] = (),
                  object_masks=None, progress: Progress = None, log: Callable[[str], None] = print,
-                 export_name: str = "asuka_sd15_decoder.safetensors", metadata: dict | None = None):
+                 export_name: str = "asuka_sd15_decoder.safetensors", metadata: dict | None = None,
+                 dist: distributed.DistInfo | None = None):
         config.check()
         if len(train_set) == 0 or len(val_set) == 0:
             raise InputError("Training needs at least one training and one held-out image.")
@@ -264,29 +269,20 @@ class DecoderTrainer:
             problem = check_t_range(config.latent_aug_t, len(frozen.sigmas))
             if problem:
                 raise InputError(f"Decoder training settings: {problem}.")
-        self.config = config
+        self._init_common(config, train_set, val_set, device=device, dist=dist, out_dir=out_dir, progress=progress,
+                          log=log, export_name=export_name, metadata=metadata)
         self.frozen = frozen
-        self.train_set, self.val_set = train_set, val_set
-        self.device = torch.device(device)
-        self.out_dir = out_dir
-        self.progress = progress
-        self.log = log
-        self.export_name = export_name
-        self.metadata = dict(metadata or {})
         self.decoder = decoder.to(self.device).float().train()
         self.decoder.requires_grad_(True)
         if self.decoder.post_quant_conv is not None:       # SD's post-quant conv stays frozen (AVQ)
             self.decoder.post_quant_conv.requires_grad_(False)
         self.perceptual = perceptual.to(self.device).eval() if perceptual is not None else None
-        self.disc = PatchDiscriminator(3, config.disc_width, config.disc_layers, seed=config.seed).to(self.device)
+        self.disc = distributed.sync_batchnorm(
+            PatchDiscriminator(3, config.disc_width, config.disc_layers, seed=config.seed).to(self.device), self.dist)
         self.logvar = nn.Parameter(torch.zeros((), device=self.device), requires_grad=config.learn_logvar)
         self.model = self._wrap(self.decoder)
         self.disc_model = self._wrap(self.disc)
-        res = config.resolution
-        self.masks = MaskGenerator(res, seed=config.seed, hole_ratio=tuple(config.hole_ratio),
-                                   object_masks=object_masks)
-        self.val_masks = MaskGenerator(res, seed=config.seed + 1, hole_ratio=tuple(config.hole_ratio),
-                                       object_masks=self.masks.object_masks or None)
+        self._make_masks(object_masks)
         fresh, old = [], []
         for name, p in self.decoder.named_parameters():
             if p.requires_grad:
@@ -309,49 +305,67 @@ class DecoderTrainer:
         self._last_saved = -1
         self._eval_decoder: MaskedDecoder | None = None
 
-    @staticmethod
-    def _wrap(module: nn.Module) -> nn.Module:
-        """The one place a data-parallel wrapper would go (not implemented: one process)."""
-        return module
+    def _wrap(self, module: nn.Module) -> nn.Module:
+        """The decoder in DistributedDataParallel under torchrun (itself in one process).
+        The discriminator is not wrapped: its generator-side forward runs with its weights
+        frozen, so its gradients are averaged explicitly (``_average_side_gradients``)."""
+        return distributed.wrap(module, self.dist) if module is self.decoder else module
 
-    def _autocast(self):
-        if self.config.precision == "fp32":
-            return torch.autocast(self.device.type, enabled=False)
-        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+    def _average_side_gradients(self, disc: bool) -> None:
+        distributed.average_gradients([self.logvar] + (list(self.disc.parameters()) if disc else []), self.dist)
+
+    def _global_mean(self, t: torch.Tensor) -> torch.Tensor:
+        return distributed.all_mean(t, self.dist)
 
     def _prepare(self) -> None:
         if self.frozen.prepare is not None:
             self.frozen.prepare()
 
     def _say(self, text: str) -> None:
-        if is_main():
+        if self.dist.is_main:
             self.log(text)
 
     # ---------------------------------------------------------------------- batches
 
+    @property
+    def global_batch(self) -> int:
+        return self.config.batch_size * self.dist.world_size
+
     def _micro_batch(self, step: int, micro: int) -> dict:
+        """This process's share of micro-batch ``micro`` of ``step``: the global samples
+        ``n`` of ``distributed.shard``, each drawn from ``(seed, n)`` alone (image, crop,
+        mask, jitter, augmentation flag, timestep and noise)."""
         cfg = self.config
-        b = cfg.batch_size
-        first = (step * cfg.grad_accum + micro) * b
-        rng = np.random.default_rng([cfg.seed, step, micro, 1])
-        picks = rng.integers(0, len(self.train_set), size=b)
-        images = torch.stack([self.train_set.sample(int(i), seed=rng_seed(cfg.seed, first + k))
-                              for k, i in enumerate(picks)])
-        masks = self.masks.batch(range(first, first + b))
-        jitters = [draw_jitter(rng, cfg.jitter) for _ in range(b)]
-        augment = torch.from_numpy(rng.random(b) < cfg.latent_aug_prob)
-        gen = torch.Generator().manual_seed(rng_seed(cfg.seed, step, micro, 2))
-        return {"images": images, "masks": masks, "jitters": jitters, "augment": augment, "gen": gen}
+        first = (step * cfg.grad_accum + micro) * self.global_batch
+        numbers = [first + k for k in distributed.shard(cfg.batch_size, self.dist)]
+        images, jitters, augment, gens = [], [], [], []
+        for n in numbers:
+            rng = np.random.default_rng([cfg.seed, n, 1])
+            pick = int(rng.integers(0, len(self.train_set)))
+            images.append(self.train_set.sample(pick, seed=rng_seed(cfg.seed, n)))
+            jitters.append(draw_jitter(rng, cfg.jitter))
+            augment.append(bool(rng.random() < cfg.latent_aug_prob))
+            gens.append(torch.Generator().manual_seed(rng_seed(cfg.seed, n, 2)))
+        return {"images": torch.stack(images), "masks": self.masks.batch(numbers), "jitters": jitters,
+                "augment": torch.tensor(augment, dtype=torch.bool), "gen": gens}
 
     @torch.no_grad()
     def corrupted_latents(self, images: torch.Tensor, jitters, augment: torch.Tensor,
-                          gen: torch.Generator) -> torch.Tensor:
+                          gen: torch.Generator | Sequence[torch.Generator]) -> torch.Tensor:
         """The decoder's input: the latent of the colour-jittered images, for the images
-        flagged in ``augment`` replaced by the UNet's one-step estimate."""
+        flagged in ``augment`` replaced by the UNet's one-step estimate. ``gen``: one
+        generator per image (timestep, then noise), or one for the whole batch."""
         z = self.frozen.encode(jitter_batch(images, jitters)).float().to(self.device)
-        t = draw_timesteps(gen, z.shape[0], self.config.latent_aug_t)
-        noise = torch.randn(z.shape, generator=gen).to(self.device)
+        if isinstance(gen, torch.Generator):
+            t = draw_timesteps(gen, z.shape[0], self.config.latent_aug_t)
+            noise = torch.randn(z.shape, generator=gen)
+        else:
+            t, noise = [], []
+            for g in gen:
+                t.append(draw_timesteps(g, 1, self.config.latent_aug_t))
+                noise.append(torch.randn((1,) + tuple(z.shape[1:]), generator=g))
+            t, noise = torch.cat(t), torch.cat(noise)
+        noise = noise.to(self.device)
         if bool(augment.any()):
             idx = torch.nonzero(augment).flatten().to(self.device)
             z_hat = latent_augment(z[idx], t[idx.cpu()], noise[idx], denoiser=self.frozen.denoiser,
@@ -422,23 +436,25 @@ class DecoderTrainer:
         for micro in range(cfg.grad_accum):
             mb = self._micro_batch(self.step, micro)
             z = self.corrupted_latents(mb["images"], mb["jitters"], mb["augment"], mb["gen"])
-            decoded, target = self._decode(self.model, z, mb["images"], mb["masks"])
-            nll, _ = reconstruction_nll(decoded, target, self.logvar, l1_weight=cfg.l1_weight,
-                                        lpips_weight=cfg.lpips_weight, perceptual=self._perceptual())
-            loss = nll
-            if gan:
-                self.disc.requires_grad_(False)
-                with self._autocast():
-                    g_loss = -self.disc_model(decoded).float().mean()
-                weight = adaptive_weight(nll, g_loss, last_layer, disc_weight=cfg.disc_weight)
-                loss = nll + weight * cfg.disc_factor * g_loss
-                self.disc.requires_grad_(True)
-            if not torch.isfinite(loss):
-                raise TrainingDivergedError(
-                    f"The loss became {loss.item()} at step {self.step}: lower the learning rate ({cfg.lr}) and "
-                    "resume from the last saved state.")
-            scaled = loss / cfg.grad_accum
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            with distributed.no_sync(self.model, skip=micro < cfg.grad_accum - 1):
+                decoded, target = self._decode(self.model, z, mb["images"], mb["masks"])
+                nll, _ = reconstruction_nll(decoded, target, self.logvar, l1_weight=cfg.l1_weight,
+                                            lpips_weight=cfg.lpips_weight, perceptual=self._perceptual())
+                loss = nll
+                if gan:
+                    self.disc.requires_grad_(False)
+                    with self._autocast():
+                        g_loss = -self.disc_model(decoded).float().mean()
+                    weight = adaptive_weight(nll, g_loss, last_layer, disc_weight=cfg.disc_weight,
+                                             reduce=self._global_mean)
+                    loss = nll + weight * cfg.disc_factor * g_loss
+                    self.disc.requires_grad_(True)
+                if not torch.isfinite(loss):
+                    raise TrainingDivergedError(
+                        f"The loss became {loss.item()} at step {self.step}: lower the learning rate ({cfg.lr}) "
+                        "and resume from the last saved state.")
+                scaled = loss / cfg.grad_accum
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             total += float(loss.detach()) / cfg.grad_accum
             if gan:
                 with self._autocast():
@@ -447,11 +463,14 @@ class DecoderTrainer:
                 d_scaled = d_loss / cfg.grad_accum
                 (self.disc_scaler.scale(d_scaled) if self.disc_scaler else d_scaled).backward()
                 d_total += float(d_loss.detach()) / cfg.grad_accum
+        self._average_side_gradients(disc=gan)
         self._optimiser_step(self.optimizer, self.scaler, [p for g in self.optimizer.param_groups for p in g["params"]])
         if gan:
             self._optimiser_step(self.disc_optimizer, self.disc_scaler, list(self.disc.parameters()))
-            self.history["d"].append((self.step, d_total))
-        self.ema.update(self.decoder)
+            self.history["d"].append((self.step, distributed.mean_over_ranks(d_total, self.dist)))
+        if self.dist.is_main:
+            self.ema.update(self.decoder)
+        total = distributed.mean_over_ranks(total, self.dist)
         self.history["train"].append((self.step, total))
         self.step += 1
         return total
@@ -505,7 +524,7 @@ class DecoderTrainer:
     def write_samples(self, name: str) -> Optional[str]:
         """Held-out images: the input with the hole in magenta, the current (EMA) decoder's
         output from the corrupted latent, the original."""
-        if not is_main():
+        if not self.dist.is_main:
             return None
         n = min(self.config.sample_count, len(self.val_set))
         decoder = self.ema_decoder()
@@ -525,16 +544,8 @@ class DecoderTrainer:
 
     # ---------------------------------------------------------------------- files
 
-    @property
-    def state_path(self) -> str:
-        return os.path.join(self.out_dir, "training_state.pt")
-
-    @property
-    def export_path(self) -> str:
-        return os.path.join(self.out_dir, self.export_name)
-
     def save_state(self, path: str | None = None) -> Optional[str]:
-        if not is_main():
+        if not self.dist.is_main:
             return None
         path = path or self.state_path
         cpu = lambda sd: {k: v.detach().cpu().clone() for k, v in sd.items()}  # noqa: E731
@@ -551,33 +562,17 @@ class DecoderTrainer:
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "disc_scaler": self.disc_scaler.state_dict() if self.disc_scaler else None,
             "history": json.dumps(self.history),
+            "world_size": self.dist.world_size,
         }
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = path + ".tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        write_state(path, state)
         self._last_saved = self.step
         return path
 
     def resume(self, path: str | None = None) -> None:
         """Restore a state written by ``save_state`` (``torch.load(weights_only=True)``:
         no code from the file runs)."""
-        path = path or self.state_path
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise InputError(f"No training state at '{path}' to resume from.") from None
-        except Exception as e:
-            raise CheckpointError(f"Could not read the training state '{path}': {e}") from None
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise CheckpointError(f"'{path}' is not an ASUKA decoder training state.")
-        saved = json.loads(state["config"])
-        changed = [f"{k} {saved[k]} -> {getattr(self.config, k)}" for k in _RESUME_FIXED
-                   if k in saved and _norm(saved[k]) != _norm(getattr(self.config, k))]
-        if changed:
-            raise InputError(
-                "These settings differ from the run being resumed, so it could not continue the same way: "
-                + ", ".join(changed) + ". Use the original values (or start a new run in a new folder).")
+        state = read_state(path or self.state_path, STATE_FORMAT, "decoder")
+        refuse_changes(resume_changes(state, self.config, _RESUME_FIXED, self.global_batch, self.dist.world_size))
         if json.loads(state["decoder_config"]) != json.loads(json.dumps(asdict(self.decoder.config))):
             raise InputError("The start decoder has another architecture than the run being resumed; resume with "
                              "the same start decoder.")
@@ -593,6 +588,8 @@ class DecoderTrainer:
         if self.disc_scaler and state.get("disc_scaler"):
             self.disc_scaler.load_state_dict(state["disc_scaler"])
         self.step = int(state["step"])
+        if int(state.get("version", 1)) < 2:
+            self._say(OLDER_DRAWS_NOTE)
         self.history = {k: [tuple(x) for x in v] for k, v in json.loads(state["history"]).items()}
         self._last_saved = self.step
 
@@ -601,7 +598,7 @@ class DecoderTrainer:
         original ldm layout: ``decoder.*`` with the condition branch as
         ``decoder.encoder.layers.N``, ``post_quant_conv.*``) that ASUKA_DecoderLoader loads
         as it is."""
-        if not is_main():
+        if not self.dist.is_main:
             return None
         path = path or self.export_path
         meta = {"asuka.decoder.family": "avq", "asuka.decoder.latent": "sd15",
@@ -622,7 +619,7 @@ class DecoderTrainer:
         return path
 
     def write_curve(self) -> Optional[str]:
-        if not is_main():
+        if not self.dist.is_main:
             return None
         path = os.path.join(self.out_dir, "loss.png")
         loss_curve_png(path, self.history["train"], self.history["val"])
@@ -630,56 +627,20 @@ class DecoderTrainer:
 
     # ---------------------------------------------------------------------- run
 
-    def run(self) -> dict:
-        """Train from the current step to ``config.steps``; validate, save, sample and
-        export as configured. Interrupted (Cancel, Ctrl-C, an error), it saves the
-        state first so the run can be resumed."""
-        cfg = self.config
-        os.makedirs(self.out_dir, exist_ok=True)
-        self.preflight()
-        if not self.history["val"] and cfg.val_every > 0:
-            self._validate()
-        log_path = os.path.join(self.out_dir, "log.jsonl")
-        t0, start = time.time(), self.step
-        try:
-            while self.step < cfg.steps:
-                loss = self.train_step()
-                s = self.step
-                rate = (time.time() - t0) / max(1, s - start)
-                lr = self.optimizer.param_groups[-1]["lr"]
-                gan = self.gan_active(s - 1)
-                if is_main():
-                    with open(log_path, "a", encoding="utf-8") as f:
-                        f.write(json.dumps({"step": s, "loss": loss, "d_loss": self.history["d"][-1][1] if gan else None,
-                                            "logvar": float(self.logvar.detach()), "lr": lr, "s_per_step": rate}) + "\n")
-                if cfg.log_every and (s % cfg.log_every == 0 or s == cfg.steps):
-                    self._say(f"step {s}/{cfg.steps} loss {loss:.5f}"
-                              + (f" d {self.history['d'][-1][1]:.4f}" if gan else "")
-                              + f" lr {lr:.3g} ({rate:.2f} s/step)")
-                if cfg.val_every and s % cfg.val_every == 0 and s != cfg.steps:
-                    self._validate()
-                if cfg.sample_every and s % cfg.sample_every == 0 and s != cfg.steps:
-                    self.write_samples(f"step_{s:06d}")
-                if cfg.save_every and s % cfg.save_every == 0:
-                    self.save_state()
-                    self.export()
-                    self.write_curve()
-                report(self.progress, s, cfg.steps)
-        except BaseException:
-            if self.step > start and self._last_saved != self.step:
-                self.save_state()
-                self._say(f"stopped at step {self.step}; state saved to {self.state_path} (resume with it)")
-            raise
-        if cfg.val_every:
-            self._validate()
-        self.save_state()
-        export = self.export()
-        samples = self.write_samples(f"step_{self.step:06d}") if cfg.sample_count > 0 else None
-        curve = self.write_curve()
-        return {"decoder": export, "state": self.state_path, "loss_curve": curve, "samples": samples,
-                "steps": self.step, "train_loss": self.history["train"][-1][1] if self.history["train"] else None,
-                "val_loss": self.history["val"][-1][1] if self.history["val"] else None,
-                "seconds": time.time() - t0}
+    result_key = "decoder"
+
+    def _log_record(self, step: int, loss: float, rate: float) -> dict:
+        gan = self.gan_active(step - 1)
+        return {"step": step, "loss": loss, "d_loss": self.history["d"][-1][1] if gan else None,
+                "logvar": float(self.logvar.detach()), "lr": self.optimizer.param_groups[-1]["lr"], "s_per_step": rate}
+
+    def _log_line(self, step: int, loss: float, rate: float) -> str:
+        return (f"step {step}/{self.config.steps} loss {loss:.5f}"
+                + (f" d {self.history['d'][-1][1]:.4f}" if self.gan_active(step - 1) else "")
+                + f" lr {self.optimizer.param_groups[-1]['lr']:.3g} ({rate:.2f} s/step)")
+
+    def _final_samples(self):
+        return self.write_samples(f"step_{self.step:06d}") if self.config.sample_count > 0 else None
 
     def _validate(self) -> float:
         v = self.validation_loss()

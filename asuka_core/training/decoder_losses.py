@@ -69,11 +69,15 @@ def reconstruction_nll(decoded: torch.Tensor, target: torch.Tensor, logvar: torc
 
 
 def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, *,
-                    disc_weight: float, max_weight: float = 1e4) -> torch.Tensor:
+                    disc_weight: float, max_weight: float = 1e4,
+                    reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """``disc_weight * ||d nll / d W|| / (||d g_loss / d W|| + 1e-4)`` at the decoder's last
-    layer ``W``, clamped to [0, max_weight], detached (the taming / AVQ rule)."""
+    layer ``W``, clamped to [0, max_weight], detached (the taming / AVQ rule). ``reduce``
+    (data-parallel training) turns each process's gradient into the global batch's."""
     g_nll = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
     g_gan = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    if reduce is not None:
+        g_nll, g_gan = reduce(g_nll), reduce(g_gan)
     w = g_nll.norm() / (g_gan.norm() + 1e-4)
     return (w.clamp(0.0, max_weight) * disc_weight).detach()
 

@@ -157,6 +157,83 @@ def mean_over_ranks(value: float, info: DistInfo = SINGLE) -> float:
     return float(t.item()) / info.world_size
 
 
+def all_mean(tensor: torch.Tensor, info: DistInfo = SINGLE) -> torch.Tensor:
+    """The element-wise average of ``tensor`` over all ranks, differentiable (``tensor``
+    itself in a single process)."""
+    if not info.distributed:
+        return tensor
+    return _differentiable_sum(tensor) / info.world_size
+
+
+def _differentiable_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of ``tensor`` over the ranks; gradients flow back to every rank's input."""
+    import warnings
+
+    from torch.distributed.nn.functional import all_reduce
+
+    with warnings.catch_warnings():   # still the autograd-aware all-reduce in this PyTorch; deprecated name only
+        warnings.simplefilter("ignore", FutureWarning)
+        return all_reduce(tensor)
+
+
+def average_gradients(params, info: DistInfo = SINGLE) -> None:
+    """Replace the ``.grad`` of ``params`` by its average over the ranks (one collective for
+    all of them), for parameters outside a DDP wrapper. No-op in a single process."""
+    if not info.distributed:
+        return
+    import torch.distributed as dist
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= info.world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose batch statistics in training are those of the whole global batch
+    (sums exchanged over the ranks, differentiably), on any backend (PyTorch's own
+    SyncBatchNorm needs a GPU). Same parameters and buffers as BatchNorm2d; on one process
+    it is BatchNorm2d."""
+
+    info: DistInfo = SINGLE
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.info.distributed):
+            return super().forward(x)
+        count = torch.tensor([float(x.numel() // x.shape[1])], dtype=x.dtype, device=x.device)
+        stats = _differentiable_sum(torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count]))
+        c = x.shape[1]
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+            self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1)), alpha=m)
+        shape = (1, c, 1, 1)
+        y = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+
+def sync_batchnorm(module: nn.Module, info: DistInfo = SINGLE) -> nn.Module:
+    """Make every BatchNorm2d of ``module`` use the global batch's statistics across the
+    ranks (in place; nothing changes in a single process)."""
+    if not info.distributed:
+        return module
+    for m in module.modules():
+        if type(m) is nn.BatchNorm2d:
+            m.__class__ = SyncBatchNorm2d
+            m.info = info
+    return module
+
+
 def barrier(info: DistInfo = SINGLE) -> None:
     if info.distributed:
         import torch.distributed as dist

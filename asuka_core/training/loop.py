@@ -41,13 +41,13 @@ from torch import nn
 from ..aligner import MAE_WIDTH, TARGET_FLUX_CLIP, TARGET_SD15, TARGET_WIDTHS, Aligner, load_aligner, save_aligner
 from ..errors import CheckpointError, InputError, TrainingDivergedError
 from ..mae import preprocess
-from ..masks import MaskGenerator
-from ..runtime import Progress, report
+from ..runtime import Progress
 from . import distributed
 from .data import BatchMaker, BatchStream, ImageSet, rng_seed
 from .ema import EMA
 from .plot import loss_curve_png, sample_grid_png
 from .schedule import learning_rate
+from .trainer_base import OLDER_DRAWS_NOTE, TrainerBase, _norm, read_state, refuse_changes, resume_changes, write_state
 
 STATE_FORMAT = "asuka-aligner-training"
 STATE_VERSION = 2   # 2: per-sample random draws (data.BatchMaker), world size stored
@@ -194,7 +194,7 @@ def masked_image(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (image - 0.5) * keep + 0.5
 
 
-class AlignerTrainer:
+class AlignerTrainer(TrainerBase):
     """Trains an SD1.5 aligner. ``run()`` trains to ``config.steps``; ``resume(path)``
     first restores a state written by ``save_state``."""
 
@@ -206,25 +206,15 @@ class AlignerTrainer:
         config.check()
         if len(train_set) == 0 or len(val_set) == 0:
             raise InputError("Training needs at least one training and one held-out image.")
-        self.config = config
+        self._init_common(config, train_set, val_set, device=device, dist=dist, out_dir=out_dir, progress=progress,
+                          log=log, export_name=export_name, metadata=metadata)
         self.models = models
-        self.train_set, self.val_set = train_set, val_set
-        self.device = torch.device(device)
-        self.dist = dist if dist is not None else distributed.current(self.device)
-        self.out_dir = out_dir
-        self.progress = progress
-        self.log = log
-        self.export_name = export_name
-        self.metadata = dict(metadata or {})
         self.aligner = (aligner if aligner is not None else new_aligner(config.seed)).to(self.device).float()
         self.aligner.requires_grad_(True).train()
         if self.aligner.target != TARGET_SD15:
             raise CheckpointError(f"Can only train an SD1.5 aligner (target sd15); got {self.aligner}.")
         res = config.resolution
-        self.masks = MaskGenerator(res, seed=config.seed, hole_ratio=tuple(config.hole_ratio),
-                                   object_masks=object_masks)
-        self.val_masks = MaskGenerator(res, seed=config.seed + 1, hole_ratio=tuple(config.hole_ratio),
-                                       object_masks=self.masks.object_masks or None)
+        self._make_masks(object_masks)
         self.batches = BatchMaker(train_set, self.masks, config.batch_size, config.grad_accum, config.seed,
                                   len(models.sigmas), (models.latent_channels, res // 8, res // 8),
                                   config.p_start, config.p_end, config.p_steps, self.dist)
@@ -248,12 +238,6 @@ class AlignerTrainer:
         for the batch, "backward", "optimizer"; forward passes are timed by the caller)."""
 
     # ---------------------------------------------------------------------- batches
-
-    def _autocast(self):
-        if self.config.precision == "fp32":
-            return torch.autocast(self.device.type, enabled=False)
-        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
 
     @torch.no_grad()
     def _prior(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -435,14 +419,6 @@ class AlignerTrainer:
 
     # ---------------------------------------------------------------------- files
 
-    @property
-    def state_path(self) -> str:
-        return os.path.join(self.out_dir, "training_state.pt")
-
-    @property
-    def export_path(self) -> str:
-        return os.path.join(self.out_dir, self.export_name)
-
     def save_state(self, path: str | None = None) -> str:
         path = path or self.state_path
         state = {
@@ -456,39 +432,19 @@ class AlignerTrainer:
             "world_size": self.dist.world_size,
             "prescaled": bool(self.train_set.cache_dir),
         }
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = path + ".tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        write_state(path, state)
         self._last_saved = self.step
         return path
 
     def resume(self, path: str | None = None) -> None:
         """Restore a state written by ``save_state`` (loaded with ``weights_only=True``:
         no code from the file runs)."""
-        path = path or self.state_path
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise InputError(f"No training state at '{path}' to resume from.") from None
-        except Exception as e:
-            raise CheckpointError(f"Could not read the training state '{path}': {e}") from None
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise CheckpointError(f"'{path}' is not an ASUKA aligner training state.")
-        saved = json.loads(state["config"])
-        changed = [f"{k} {saved[k]} -> {getattr(self.config, k)}" for k in _RESUME_FIXED
-                   if k in saved and _norm(saved[k]) != _norm(getattr(self.config, k))]
-        world = int(state.get("world_size", 1))
-        if "batch_size" in saved and saved["batch_size"] * world != self.batches.global_batch:
-            changed.append(f"global batch (batch_size x processes) {saved['batch_size']} x {world} -> "
-                           f"{self.config.batch_size} x {self.dist.world_size}")
+        state = read_state(path or self.state_path, STATE_FORMAT, "aligner")
+        changed = resume_changes(state, self.config, _RESUME_FIXED, self.batches.global_batch, self.dist.world_size)
         if bool(state.get("prescaled", False)) != bool(self.train_set.cache_dir):
             changed.append(f"pre-scaled image cache {'on' if state.get('prescaled') else 'off'} -> "
                            f"{'on' if self.train_set.cache_dir else 'off'}")
-        if changed:
-            raise InputError(
-                "These settings differ from the run being resumed, so it could not continue the same way: "
-                + ", ".join(changed) + ". Use the original values (or start a new run in a new folder).")
+        refuse_changes(changed)
         self.aligner.load_state_dict(state["aligner"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -496,8 +452,7 @@ class AlignerTrainer:
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         if int(state.get("version", 1)) < 2:
-            self.log("note: this state was written by an older version, which drew its batches differently; "
-                     "the run continues with the new draws (the weights and optimiser state are kept).")
+            self.log(OLDER_DRAWS_NOTE)
         self.history = {k: [tuple(x) for x in v] for k, v in json.loads(state["history"]).items()}
         self._last_saved = self.step
 
@@ -525,73 +480,24 @@ class AlignerTrainer:
 
     # ---------------------------------------------------------------------- run
 
-    def run(self) -> dict:
-        """Train from the current step to ``config.steps``; validate, save, sample and
-        export as configured. Interrupted (Cancel, Ctrl-C, an error), it saves the
-        state first so the run can be resumed."""
-        cfg = self.config
-        main = self.dist.is_main
-        os.makedirs(self.out_dir, exist_ok=True)
-        self.preflight()
-        if main and not self.history["val"] and cfg.val_every > 0:
-            self._validate()
-        log_path = os.path.join(self.out_dir, "log.jsonl")
-        t0, start = time.time(), self.step
-        try:
-            while self.step < cfg.steps:
-                loss = self.train_step()
-                s = self.step
-                rate = (time.time() - t0) / max(1, s - start)
-                report(self.progress, s, cfg.steps)
-                if not main:   # rank 0 logs, validates, samples and saves; the others train on
-                    continue
-                with open(log_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"step": s, "loss": loss, "p": self.history["p"][-1][1],
-                                        "lr": self.optimizer.param_groups[0]["lr"], "s_per_step": rate}) + "\n")
-                if cfg.log_every and (s % cfg.log_every == 0 or s == cfg.steps):
-                    self.log(f"step {s}/{cfg.steps} loss {loss:.5f} p {self.history['p'][-1][1]:.2f} "
-                             f"lr {self.optimizer.param_groups[0]['lr']:.3g} ({rate:.2f} s/step)")
-                if cfg.val_every and s % cfg.val_every == 0 and s != cfg.steps:
-                    self._validate()
-                if cfg.sample_every and s % cfg.sample_every == 0 and s != cfg.steps:
-                    self.write_samples(f"step_{s:06d}")
-                if cfg.save_every and s % cfg.save_every == 0:
-                    self.save_state()
-                    self.export()
-                    self.write_curve()
-        except BaseException:
-            self.stream.close()
-            if main and self.step > start and self._last_saved != self.step:
-                self.save_state()
-                self.log(f"stopped at step {self.step}; state saved to {self.state_path} (resume with it)")
-            raise
+    result_key = "aligner"
+
+    def _log_record(self, step: int, loss: float, rate: float) -> dict:
+        return {"step": step, "loss": loss, "p": self.history["p"][-1][1],
+                "lr": self.optimizer.param_groups[0]["lr"], "s_per_step": rate}
+
+    def _log_line(self, step: int, loss: float, rate: float) -> str:
+        return (f"step {step}/{self.config.steps} loss {loss:.5f} p {self.history['p'][-1][1]:.2f} "
+                f"lr {self.optimizer.param_groups[0]['lr']:.3g} ({rate:.2f} s/step)")
+
+    def _close(self) -> None:
         self.stream.close()
-        if not main:
-            distributed.barrier(self.dist)   # until rank 0 has written the results
-            return {"aligner": None, "state": None, "loss_curve": None, "samples": None, "steps": self.step,
-                    "train_loss": self.history["train"][-1][1] if self.history["train"] else None,
-                    "val_loss": None, "seconds": time.time() - t0}
-        if cfg.val_every:
-            self._validate()
-        self.save_state()
-        export = self.export()
-        samples = self.write_samples(f"step_{self.step:06d}")
-        curve = self.write_curve()
-        distributed.barrier(self.dist)
-        return {"aligner": export, "state": self.state_path, "loss_curve": curve, "samples": samples,
-                "steps": self.step, "train_loss": self.history["train"][-1][1] if self.history["train"] else None,
-                "val_loss": self.history["val"][-1][1] if self.history["val"] else None,
-                "seconds": time.time() - t0}
 
     def _validate(self) -> float:
         v = self.validation_loss()
         self.history["val"].append((self.step, v))
         self.log(f"step {self.step}: held-out loss {v:.5f} ({len(self.val_set)} images)")
         return v
-
-
-def _norm(v):
-    return list(v) if isinstance(v, (list, tuple)) else v
 
 
 class _Clock:

@@ -84,10 +84,11 @@ def worker(out: str, photos: str, steps: int) -> None:
     distributed.shutdown(info)
 
 
-def run_torchrun(out, photos, steps):
+def run_torchrun(out, photos, steps, script=__file__):
+    """Run ``script``'s worker in 2 gloo processes under torchrun; its saved training state."""
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           os.path.abspath(__file__), str(out), photos, str(steps)],
+                           os.path.abspath(script), str(out), photos, str(steps)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return torch.load(os.path.join(out, "training_state.pt"), weights_only=True)
